@@ -6,6 +6,8 @@
 from tempsoft._dispatch import backends as _backend_table
 from tempsoft.functional import cross_entropy, log_softmax, softmax
 from tempsoft.nn import TemperatureCrossEntropyLoss
+from tempsoft.ops.pgd import pgd_step_, random_start
+from tempsoft import attacks  # noqa: E402  (after the ops it uses)
 
 __version__ = "0.1.0"
 
@@ -34,6 +36,20 @@ class Availability:
         return "True" if self.available else f"False ({self.reason})"
 
 
+def check_errors() -> None:
+    """Raise the IndexError for a bad target that a CUDA kernel recorded (waits for the GPU).
+
+    Only needed with TEMPSOFT_DEFERRED_CHECKS=1; without it every call checks its targets.
+    """
+    import torch
+
+    if _backend_table()["cuda"][0]:
+        from tempsoft._dispatch import native_ops
+
+        native_ops().check_errors(True)
+        torch.cuda.synchronize()
+
+
 def backends() -> dict:
     """Backend name -> availability (truthy or not), with the reason when it cannot run.
 
@@ -48,7 +64,11 @@ __all__ = [
     "softmax",
     "log_softmax",
     "TemperatureCrossEntropyLoss",
+    "pgd_step_",
+    "random_start",
+    "attacks",
     "backends",
+    "check_errors",
     "Availability",
     "__version__",
 ]

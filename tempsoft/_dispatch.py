@@ -44,6 +44,17 @@ def _triton_status() -> tuple[bool, str]:
     return True, ""
 
 
+def deferred_checks() -> bool:
+    """TEMPSOFT_DEFERRED_CHECKS=1: no host sync for argument checks on CUDA tensors.
+
+    By default a CUDA call reads back whether any target is out of range (one small sync),
+    so the error is raised by the call that caused it. With deferred checks the CUDA kernel
+    records a bad target itself and the IndexError comes from the next CUDA call or from
+    tempsoft.check_errors(); the offending row's loss is NaN meanwhile.
+    """
+    return os.environ.get("TEMPSOFT_DEFERRED_CHECKS", "0") == "1"
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
