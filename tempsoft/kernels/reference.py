@@ -108,3 +108,86 @@ def ce_rows(
         grad = x.new_empty(0)
     return loss, lse, grad, zdot
 
+
+
+# --------------------------------------------------------------------------------------
+# PGD step
+# --------------------------------------------------------------------------------------
+#
+# Contract of the fused step (every backend implements exactly this):
+#
+#     pgd_step(x_adv, grad, x_nat, eps, alpha, norm, lower, upper, active) -> new tensor
+#         x_adv, grad, x_nat  (B, ...) same shape, same dtype (fp32 or fp64)
+#         eps, alpha          (B,) in the dtype of x: the ball radius and step per sample
+#         norm                0 = Linf, 2 = L2
+#         lower, upper        Python floats, the box the images live in
+#         active              (B,) bool or None; rows with False come back unchanged
+#
+# The arithmetic, in this order, each line rounded to the data dtype unless it says fp64:
+#   Linf:
+#     s = (g > 0) - (g < 0)                  sign; 0 for 0 and for NaN, so a NaN gradient
+#                                            entry leaves that pixel where it is
+#     a = x_adv + alpha * s                  alpha * s is exact, so an FMA changes nothing
+#     d = min(max(a - x_nat, -eps), eps)
+#   L2 (both sums in fp64; squares of fp32 values are exact in fp64):
+#     G = sum g^2 (fp64);  ok = 0 < G < inf
+#     scale = ok ? fp32(fp64(alpha) / sqrt(G)) : 0      a zero or non-finite gradient: no step
+#     a = x_adv + (ok ? g * scale : 0)       the product rounded before the add (no FMA)
+#     d = a - x_nat
+#     D = sum d^2 (fp64);  n = sqrt(D)
+#     f = n > eps ? fp32(fp64(eps) / n) : 1
+#     d = d * f                              rounded before the add below (no FMA)
+#   both:
+#     out = min(max(x_nat + d, lower), upper)
+#     out = active ? out : x_adv
+#
+# Kernels must not contract a product and an add into an FMA (C++: a compiler barrier;
+# Triton: enable_fp_fusion=False; CUDA: __fmul_rn / __fadd_rn). The two L2 sums may be
+# accumulated in any order: they are fp64 sums of exact squares, so the fp32 value rounded
+# from them differs between orders only when the fp64 sum lies within ~n * 2^-53 (relative)
+# of an fp32 rounding boundary, about once in 2^29 / n samples. For fp64 data the sums
+# are the result's own precision, so backends agree to a few ulps there, not bit for bit.
+
+
+def pgd_step(
+    x_adv: torch.Tensor,
+    grad: torch.Tensor,
+    x_nat: torch.Tensor,
+    eps: torch.Tensor,
+    alpha: torch.Tensor,
+    norm: int,
+    lower: float,
+    upper: float,
+    active: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference for the fused PGD step; see the comment block above for the contract."""
+    dtype = x_adv.dtype
+    bshape = (x_adv.shape[0],) + (1,) * (x_adv.dim() - 1)
+    e = eps.to(dtype).reshape(bshape)
+    if norm == 0:
+        s = (grad > 0).to(dtype) - (grad < 0).to(dtype)
+        a = x_adv + alpha.to(dtype).reshape(bshape) * s
+        d = torch.minimum(torch.maximum(a - x_nat, -e), e)
+    elif norm == 2:
+        g_sq = _row_sum_sq(grad)
+        ok = (g_sq > 0) & (g_sq < float("inf"))
+        scale = torch.where(ok, alpha.to(torch.float64) / g_sq.sqrt(), torch.zeros_like(g_sq))
+        step = grad * scale.to(dtype).reshape(bshape)
+        step = torch.where(ok.reshape(bshape), step, torch.zeros_like(step))
+        d = (x_adv + step) - x_nat
+        n = _row_sum_sq(d).sqrt()
+        eps64 = eps.to(torch.float64)
+        f = torch.where(n > eps64, eps64 / n, torch.ones_like(n))
+        d = d * f.to(dtype).reshape(bshape)
+    else:
+        raise ValueError(f"norm must be 0 (Linf) or 2 (L2), got {norm!r}")
+    out = torch.clamp(x_nat + d, min=lower, max=upper)
+    if active is not None:
+        out = torch.where(active.reshape(bshape), out, x_adv)
+    return out
+
+
+def _row_sum_sq(t: torch.Tensor) -> torch.Tensor:
+    """Per-sample sum of squares in fp64, shape (B,)."""
+    t64 = t.reshape(t.shape[0], -1).to(torch.float64)
+    return (t64 * t64).sum(dim=1)
