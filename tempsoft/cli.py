@@ -1,0 +1,417 @@
+"""The ``tempsoft`` command: train | eval | attack | reproduce | bench | demo.
+
+    tempsoft demo                                   # the digits study, < 3 min on a CPU
+    tempsoft reproduce --preset cifar10             # a study from experiments/presets/
+    tempsoft train --dataset digits --model small_cnn --T 2 --epochs 10 --out results/t2
+    tempsoft eval results/t2/model.pt --evals clean,ece,corruption,pgd_linf
+    tempsoft attack results/t2/model.pt --norm linf --eps 0.1 --steps 20 --audit
+    tempsoft bench train -- --batches 3             # benchmarks/bench_train.py
+    torchrun --nproc_per_node=2 -m tempsoft train ...   # DistributedDataParallel
+
+Bad input (unknown names, T <= 0, malformed presets) prints one line starting with
+"tempsoft: error:" and exits with status 2 (TEMPSOFT_DEBUG=1 re-raises, with the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import runpy
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+EXIT_USAGE = 2
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be positive and finite, got {text!r}")
+    return value
+
+
+def _temperature_or_train(text: str) -> Optional[float]:
+    return None if text == "train" else _positive_float(text)
+
+
+def _evals(text: str) -> list[str]:
+    return [e.strip() for e in text.split(",") if e.strip()]
+
+
+# ======================================================================================
+# train
+# ======================================================================================
+def _add_train(sub) -> None:
+    from tempsoft.train import AMP_MODES, LR_SCALINGS, OPTIMIZERS, SCHEDULES, TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train a model at temperature T",
+                       description="Train at softmax temperature T (standard or PGD "
+                       "adversarial). Writes OUT/checkpoint.pt every epoch (a rerun resumes "
+                       "it), OUT/model.pt and OUT/history.json.")
+    p.add_argument("--dataset", default=d.dataset)
+    p.add_argument("--model", default=d.model)
+    # T is parsed as a plain float so that T <= 0 reaches TrainConfig's clear error message.
+    p.add_argument("--T", type=float, default=d.T, help="softmax temperature (> 0)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--lr-scaling", choices=LR_SCALINGS, default=d.lr_scaling,
+                   help="linear: SGD lr x T and weight decay / T (no-op for AdamW)")
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--adversarial", action="store_true",
+                   help="PGD-Linf adversarial training (Madry et al.)")
+    p.add_argument("--adv-eps", type=float, default=d.adv_eps)
+    p.add_argument("--adv-alpha", type=float, default=d.adv_alpha)
+    p.add_argument("--adv-steps", type=int, default=d.adv_steps)
+    p.add_argument("--adv-T", type=_temperature_or_train, default=None,
+                   help='temperature of the inner attack: "train" (default) or a number')
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--amp", choices=AMP_MODES, default=d.amp)
+    p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--download", action="store_true")
+    p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default=None,
+                   help="run folder (default results/train/<dataset>-<model>-T<T>-seed<seed>)")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from tempsoft.train import TrainConfig, distributed_info, save_model, train
+
+    out = Path(args.out or f"results/train/{args.dataset}-{args.model}-T{args.T:g}-"
+               f"seed{args.seed}{'-adv' if args.adversarial else ''}")
+    config = TrainConfig(
+        dataset=args.dataset, model=args.model, T=args.T, epochs=args.epochs,
+        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs, lr_scaling=args.lr_scaling,
+        label_smoothing=args.label_smoothing, augment=not args.no_augment,
+        adversarial=args.adversarial, adv_eps=args.adv_eps, adv_alpha=args.adv_alpha,
+        adv_steps=args.adv_steps, adv_T=args.adv_T, seed=args.seed, device=args.device,
+        amp=args.amp, channels_last={"auto": None, "on": True, "off": False}[args.channels_last],
+        compile=args.compile, data_root=args.data_root, download=args.download,
+        max_batches=args.max_batches, progress=not args.no_progress,
+        checkpoint_dir=str(out))
+    config.validate()
+    from tempsoft.data import load_dataset
+
+    train_set = load_dataset(config.dataset, root=config.data_root, split="train",
+                             download=config.download)
+    result = train(config, train_set=train_set, on_epoch_end=_print_epoch
+                   if distributed_info().is_main else None)
+    if distributed_info().is_main:
+        save_model(out / "model.pt", result, train_set)
+        (out / "history.json").write_text(json.dumps(result.history, indent=1))
+        last = result.final
+        resumed = f", resumed after epoch {result.resumed_from}" if result.resumed_from else ""
+        print(f"trained {config.model} on {config.dataset} at T={config.T:g}: loss "
+              f"{last['loss']:.4f}, train acc {last['train_acc']:.4f} "
+              f"({result.seconds:.1f}s{resumed}) -> {out / 'model.pt'}")
+    return 0
+
+
+def _print_epoch(epoch: int, record: dict) -> None:
+    print(f"epoch {record['epoch']}: loss {record['loss']:.4f} acc {record['train_acc']:.4f} "
+          f"{record['images_per_s']:.0f} img/s | |dL/dz| {record['grad_logits_norm']:.4g} "
+          f"|dL/dh| {record['grad_features_norm']:.4g} wrong-class entropy "
+          f"{record['wrong_class_entropy_norm']:.3f}", flush=True)
+
+
+# ======================================================================================
+# eval and attack
+# ======================================================================================
+def _add_eval_settings(p) -> None:
+    from tempsoft.robustness.evaluate import EvalSettings
+
+    d = EvalSettings()
+    p.add_argument("--T", type=float, default=None,
+                   help="temperature for probabilities (default: the training T)")
+    p.add_argument("--linf-eps", type=_positive_float, default=d.pgd_linf_eps)
+    p.add_argument("--linf-alpha", type=_positive_float, default=d.pgd_linf_alpha)
+    p.add_argument("--l2-eps", type=_positive_float, default=d.pgd_l2_eps)
+    p.add_argument("--l2-alpha", type=_positive_float, default=d.pgd_l2_alpha)
+    p.add_argument("--steps", type=int, default=d.pgd_steps)
+    p.add_argument("--restarts", type=int, default=d.pgd_restarts)
+    p.add_argument("--pgd-T", type=_temperature_or_train, default=d.pgd_T,
+                   help='temperature of the PGD loss: a number (default 1) or "train"')
+    p.add_argument("--examples", type=int, default=None,
+                   help="attack / audit this many test examples (default: all, audit 1000)")
+    p.add_argument("--apgd-steps", type=int, default=d.audit_apgd_steps,
+                   help="APGD-DLR iterations in the audit")
+    p.add_argument("--no-autoattack", action="store_true",
+                   help="leave AutoAttack out of the audit (it takes minutes on a CPU)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--released-c-root", default=None)
+    p.add_argument("--cifar101-root", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the results to this file")
+
+
+def _add_eval(sub) -> None:
+    from tempsoft.robustness.evaluate import EVALS
+
+    p = sub.add_parser("eval", help="evaluate a trained model",
+                       description=f"Evaluate a model.pt / checkpoint.pt. Evaluations: "
+                       f"{', '.join(EVALS)}. The health report (did it train, did it "
+                       "collapse) always runs.")
+    p.add_argument("model", help="a model.pt or checkpoint.pt written by tempsoft train")
+    p.add_argument("--evals", type=_evals, default=["clean", "ece"],
+                   help="comma-separated (default clean,ece)")
+    _add_eval_settings(p)
+    p.set_defaults(func=_cmd_eval)
+
+
+def _add_attack(sub) -> None:
+    p = sub.add_parser("attack", help="PGD (and the gradient-masking audit) on a model",
+                       description="Untargeted PGD on the test set of the model's dataset; "
+                       "--audit adds the gradient-masking audit.")
+    p.add_argument("model")
+    p.add_argument("--norm", choices=("linf", "l2"), default="linf")
+    p.add_argument("--eps", type=_positive_float, default=None,
+                   help="radius (default 8/255 for linf, 0.5 for l2)")
+    p.add_argument("--alpha", type=_positive_float, default=None, help="step size")
+    p.add_argument("--audit", action="store_true")
+    _add_eval_settings(p)
+    p.set_defaults(func=_cmd_attack)
+
+
+def _settings_from(args):
+    from tempsoft.robustness.evaluate import EvalSettings
+
+    fields = dict(pgd_linf_eps=args.linf_eps, pgd_linf_alpha=args.linf_alpha,
+                  pgd_l2_eps=args.l2_eps, pgd_l2_alpha=args.l2_alpha, pgd_steps=args.steps,
+                  pgd_restarts=args.restarts, pgd_T=args.pgd_T, batch_size=args.batch_size,
+                  device=args.device, released_c_root=args.released_c_root,
+                  cifar101_root=args.cifar101_root, seed=args.seed, audit_steps=args.steps,
+                  audit_apgd_steps=args.apgd_steps, audit_autoattack=not args.no_autoattack)
+    if args.examples is not None:
+        fields.update(pgd_examples=args.examples, audit_examples=args.examples)
+    return EvalSettings(**fields).validate()
+
+
+def _load_for_eval(args):
+    from tempsoft.data import load_dataset
+    from tempsoft.train import load_trained
+
+    path = Path(args.model)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {str(path)!r}")
+    model, meta = load_trained(path, device="cpu")
+    dataset = meta["trajectory"]["dataset"]
+    test_set = load_dataset(dataset, root=args.data_root, split="test")
+    train_set = load_dataset(dataset, root=args.data_root, split="train")
+    train_T = float(meta["trajectory"]["T"])
+    return model, meta, test_set, train_set, train_T
+
+
+def _cmd_eval(args) -> int:
+    from tempsoft.robustness.evaluate import evaluate
+
+    model, meta, test_set, train_set, train_T = _load_for_eval(args)
+    T = args.T if args.T is not None else train_T
+    metrics = evaluate(model, test_set, args.evals, T=T, train_T=train_T, train_set=train_set,
+                       settings=_settings_from(args))
+    _print_metrics(metrics, f"{meta['trajectory']['model']} trained at T={train_T:g} on "
+                   f"{test_set.name}")
+    _maybe_write_json(args.json, metrics)
+    return 0
+
+
+def _cmd_attack(args) -> int:
+    from tempsoft.robustness.evaluate import evaluate
+
+    if args.eps is not None:
+        setattr(args, f"{args.norm}_eps", args.eps)
+    if args.alpha is not None:
+        setattr(args, f"{args.norm}_alpha", args.alpha)
+    model, meta, test_set, train_set, train_T = _load_for_eval(args)
+    evals = ["clean", f"pgd_{args.norm}"] + (["audit"] if args.audit else [])
+    T = args.T if args.T is not None else train_T
+    metrics = evaluate(model, test_set, evals, T=T, train_T=train_T, train_set=train_set,
+                       settings=_settings_from(args))
+    _print_metrics(metrics, f"PGD-{args.norm} on {meta['trajectory']['model']} trained at "
+                   f"T={train_T:g}")
+    _maybe_write_json(args.json, metrics)
+    return 0
+
+
+def _print_metrics(metrics: dict[str, Any], title: str) -> None:
+    print(title)
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            print(f"  {key:<34} {value:.4f}")
+        elif isinstance(value, list):
+            print(f"  {key:<34} {[round(v, 3) if isinstance(v, float) else v for v in value]}")
+        else:
+            print(f"  {key:<34} {value}")
+
+
+def _maybe_write_json(path: Optional[str], metrics: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(metrics, indent=1, default=str))
+
+
+# ======================================================================================
+# reproduce, demo, bench
+# ======================================================================================
+def _add_reproduce(sub) -> None:
+    p = sub.add_parser("reproduce", help="run a study from a preset",
+                       description="Run every unfinished cell of a preset "
+                       "(experiments/presets/NAME.toml) and write results/<run>/results.csv, "
+                       "results.md and PNG plots. Rerunning skips finished cells.")
+    p.add_argument("--preset", required=False, help="preset name or .toml path")
+    p.add_argument("--run", default=None, help="run folder name (default: the preset name)")
+    p.add_argument("--out", default="results", help="parent folder of the run (default "
+                   "results)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE", help="override a preset value, e.g. "
+                   "--set train.epochs=2 --set grid.temperatures=[0.5,2]")
+    p.add_argument("--device", default=None, help="force a device (cpu, cuda)")
+    p.add_argument("--list", action="store_true", help="list the presets and their cells")
+    p.add_argument("--dry-run", action="store_true", help="validate and list cells only")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite results.md and the plots from results.csv")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_reproduce)
+
+
+def _cmd_reproduce(args) -> int:
+    from tempsoft.reproduce import (available_presets, cells, load_preset, reproduce,
+                                    write_report)
+
+    if args.list:
+        for name in available_presets():
+            preset = load_preset(name)
+            print(f"{name:<10} {len(cells(preset)):>4} cells  {preset.description}")
+        return 0
+    if not args.preset:
+        raise ValueError(f"reproduce needs --preset NAME; available: {available_presets()}")
+    preset = load_preset(args.preset, args.overrides)
+    if args.dry_run:
+        for cell in cells(preset):
+            print(cell.id)
+        print(f"{len(cells(preset))} cells")
+        return 0
+    if args.report_only:
+        run_dir = Path(args.out) / (args.run or preset.name)
+        for path in write_report(run_dir, preset):
+            print(path)
+        return 0
+    summary = reproduce(preset, out_dir=args.out, run_name=args.run,
+                        progress=not args.no_progress, device=args.device)
+    print(f"[tempsoft] done in {summary.seconds:.1f}s: {summary.cells_run} cells run, "
+          f"{summary.cells_skipped} skipped -> {summary.run_dir}/results.md")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the demo study (tempsoft reproduce --preset demo)")
+    p.add_argument("--out", default="results")
+    p.add_argument("--run", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    args.preset, args.overrides, args.device = "demo", [], None
+    args.list = args.dry_run = args.report_only = False
+    return _cmd_reproduce(args)
+
+
+def benchmarks_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="run a benchmark script from benchmarks/",
+                       description="Run benchmarks/bench_NAME.py of the source tree with the "
+                       "remaining arguments, e.g. `tempsoft bench train -- --batches 3`.")
+    p.add_argument("name", nargs="?", default="train", help="benchmark name (default train)")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args) -> int:
+    folder = benchmarks_dir()
+    script = folder / f"bench_{args.name}.py"
+    if not script.is_file():
+        found = sorted(p.stem[len("bench_"):] for p in folder.glob("bench_*.py"))
+        raise ValueError(f"unknown benchmark {args.name!r}; available in {folder}: {found} "
+                         "(benchmarks ship with the source tree, not the wheel)")
+    rest = [a for a in args.args if a != "--"]
+    saved = sys.argv
+    sys.argv = [str(script)] + rest
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    finally:
+        sys.argv = saved
+    return 0
+
+
+# ======================================================================================
+# main
+# ======================================================================================
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tempsoft", description="Softmax temperature: training, robustness evaluation "
+        "and the paper's experiments (arXiv:2502.20604).")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op CPU threads (default: torch's choice); results "
+                        "are bitwise reproducible only at the same thread count")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in (_add_train, _add_eval, _add_attack, _add_reproduce, _add_bench, _add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 bad input).
+
+    Example:
+        >>> main(["reproduce", "--preset", "demo", "--dry-run"])
+        0
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, IndexError, FileNotFoundError) as exc:
+        if os.environ.get("TEMPSOFT_DEBUG"):
+            raise
+        print(f"tempsoft: error: {exc}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("tempsoft: interrupted (a rerun of the same command resumes)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
