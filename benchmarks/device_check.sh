@@ -14,6 +14,7 @@
 #   then, while the time budget lasts (skipped, not failed, when it has run out):
 #   peer-bench-ce   benchmarks/bench_ce.py --device cuda on the same shapes (its own table)
 #   peer-bench-pgd  benchmarks/bench_pgd.py --device cuda (the step, and PGD-10 attacks)
+#   bench-train     benchmarks/bench_train.py: ResNet-18 training images/s vs a plain loop
 #   suite-tests     the other test files that touch the GPU paths (last: the benchmarks
 #                   matter more in a short run than CPU-centred tests repeated on a GPU)
 #   summary      the results table and the issue's targets, always printed last
@@ -219,6 +220,7 @@ step bench-plans 60 "\"\$py\" benchmarks/device_bench.py plans --out \"\$out\" $
 step bench-pgd 60 "\"\$py\" benchmarks/device_bench.py pgd --out \"\$out\" $quick"
 optional_step peer-bench-ce 150 peer_bench_ce
 optional_step peer-bench-pgd 90 peer_bench_pgd
+optional_step bench-train 90 "\"\$py\" benchmarks/bench_train.py --device cuda --repeats 3"
 if [ "$suite" = 1 ]; then
   optional_step suite-tests 120 suite_tests
 fi

@@ -146,12 +146,18 @@ def _(x, target, inv_t, weight, ignore_index, label_smoothing, reduction, comput
 def _setup_context(ctx, inputs, output):
     x, target, inv_t, weight, _, label_smoothing, reduction, _, _ = inputs
     _, lse, grad, zdot, scale = output
+    # Only the loss is differentiable. Without these two lines autograd would allocate and
+    # zero-fill an (N, C) "gradient" for the unused grad output on every backward.
+    ctx.mark_non_differentiable(lse, grad, zdot, scale)
+    ctx.set_materialize_grads(False)
     ctx.reduction = reduction
     ctx.label_smoothing = label_smoothing
     ctx.save_for_backward(x, target, inv_t, weight, lse, grad, zdot, scale)
 
 
 def _backward(ctx, g_loss, *unused):
+    if g_loss is None:
+        return (None,) * 9
     x, target, inv_t, weight, lse, grad, zdot, scale = ctx.saved_tensors
     needs_x, needs_target, needs_inv_t = ctx.needs_input_grad[:3]
     none = ctx.reduction == _REDUCTIONS["none"]
