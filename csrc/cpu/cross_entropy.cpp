@@ -1,0 +1,680 @@
+// Fused temperature-scaled softmax cross-entropy over rows, CPU: tempsoft_C::ce_rows.
+//
+// The contract (shapes, dtypes, math) is the docstring of tempsoft/kernels/reference.py;
+// this file implements it with at::parallel_for over rows and at::vec SIMD within a row.
+//
+// Notation for one row: x (C logits), t = inv_t, m = max_c x_c, shifted scaled logits
+// d_c = (x_c - m) * t (= z_c - max z; never overflows, even for x = 1e4 and T = 1e-3),
+// s = sum_c exp(d_c), log p_c = d_c - log s, lse = log s + m * t.
+// Weights w (ones when absent), W = sum_c w_c, eps = label smoothing.
+//
+// Per row, two passes:
+//   1. Blocks of kConfig.block_cols columns.  Each block is read twice while it sits in L1:
+//      once for its max (which updates the running max, rescaling the sums when it grows)
+//      and once to accumulate, relative to the running max h,
+//        s   = sum exp(d_c)                                (every row)
+//        sed = sum exp(d_c) d_c                            (zdot; only with compute_grad)
+//        lin = sum a_c d_c, asum = sum a_c                 (a_c = w_c for an index target
+//              with smoothing, a_c = w_c q'_c for a probability target)
+//   2. The gradient, one block at a time (formulas there), from exp(d_c) with the final m:
+//      a row of at most one block keeps its exponentials from pass 1 in a per-thread
+//      scratch row (L1-resident); a wider row recomputes them from x, still in L2.
+//      (Measured on a 2-core AMD EPYC (Zen 5), fp32, 1 thread: keeping them is ~20% faster
+//      at C = 512 and 1000, the same at 2048, and spilling a scratch row out of L1 is 10-20%
+//      slower than recomputing at C = 4096 ... 128000.)
+// Rows whose max is not finite (a NaN, a +inf, or all -inf) take a scalar path that mirrors
+// the reference step by step, so NaN logits give a NaN loss and infinities match it too.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
+#error "ATen uses OpenMP but this file is built without -fopenmp: at::parallel_for would run serially"
+#endif
+
+namespace tempsoft {
+namespace {
+
+using at::vec::Vectorized;
+
+// ------------------------------------------------------------------------------------
+// Tuning
+// ------------------------------------------------------------------------------------
+struct CeCpuConfig {
+  // Columns per block.  Pass 1 reads a block twice, and a row of at most one block keeps
+  // its exponentials for pass 2: 2048 fp32 columns = 8 KiB of logits + 8 KiB of
+  // exponentials, inside even a 32 KiB L1d.
+  int64_t block_cols;
+  // Logits per parallel task: below this a row range stays on one thread, since waking
+  // the OpenMP team costs more than it saves.
+  int64_t min_elems_per_task;
+  // Gradient buffers at least this large ask Linux for transparent huge pages: they come
+  // fresh from the kernel on every call (glibc mmaps and unmaps them), and first-touch
+  // faults on 4 KiB pages can cost more than the kernel itself.  Measured (1 thread,
+  // filling a fresh fp32 tensor): 62 MiB 28 ms with 4 KiB pages vs 4.4 ms with huge
+  // pages; at 4-16 MiB glibc reuses its heap and the difference is under 0.1 ms.
+  int64_t huge_page_min_bytes;
+};
+constexpr CeCpuConfig kConfig{2048, 1 << 15, int64_t(32) << 20};
+
+int64_t grain_rows(int64_t cols) {
+  return std::max<int64_t>(1, kConfig.min_elems_per_task / std::max<int64_t>(cols, 1));
+}
+
+// ------------------------------------------------------------------------------------
+// Small vector helpers
+// ------------------------------------------------------------------------------------
+// exp for d <= 0.  fp32: ATen's 20-ulp polynomial (relative error ~2e-6, inside the 1e-5
+// the tests ask for); with Sleef's 1-ulp expf instead the forward pass took 1.6 ms instead
+// of 1.27 ms (4096 x 1000, 1 thread, this file's dev machine).  fp64: Sleef.
+inline Vectorized<float> exp_nonpos(const Vectorized<float>& d) { return d.exp_u20(); }
+inline Vectorized<double> exp_nonpos(const Vectorized<double>& d) { return d.exp(); }
+
+template <typename T>
+inline T nan_max(T a, T b) {
+  return (std::isnan(a) || a > b) ? a : b;
+}
+
+template <typename acc_t>
+double hsum(const Vectorized<acc_t>& v) {
+  alignas(64) acc_t tmp[Vectorized<acc_t>::size()];
+  v.store(tmp);
+  double s = 0;
+  for (int64_t i = 0; i < Vectorized<acc_t>::size(); ++i) s += tmp[i];
+  return s;
+}
+
+template <typename acc_t>
+acc_t hmax(const Vectorized<acc_t>& v) {
+  alignas(64) acc_t tmp[Vectorized<acc_t>::size()];
+  v.store(tmp);
+  acc_t m = tmp[0];
+  for (int64_t i = 1; i < Vectorized<acc_t>::size(); ++i) m = nan_max(m, tmp[i]);
+  return m;
+}
+
+// Loads `count` lanes; the other lanes get `fill`.
+template <typename acc_t>
+inline Vectorized<acc_t> load_fill(const acc_t* p, int64_t count, acc_t fill) {
+  using Vec = Vectorized<acc_t>;
+  if (count == Vec::size()) return Vec::loadu(p);
+  return Vec::set(Vec(fill), Vec::loadu(p, count), count);
+}
+
+// Max of n values, NaN-propagating (a NaN anywhere makes the row take the exact path).
+template <typename acc_t>
+acc_t block_max(const acc_t* x, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  Vec m0(ninf), m1(ninf);
+  int64_t i = 0;
+  for (; i + 2 * V <= n; i += 2 * V) {
+    m0 = at::vec::maximum(m0, Vec::loadu(x + i));
+    m1 = at::vec::maximum(m1, Vec::loadu(x + i + V));
+  }
+  for (; i < n; i += V) m0 = at::vec::maximum(m0, load_fill(x + i, std::min(V, n - i), ninf));
+  return hmax(at::vec::maximum(m0, m1));
+}
+
+// ------------------------------------------------------------------------------------
+// Per-call constants and per-thread scratch
+// ------------------------------------------------------------------------------------
+// Which per-column term pass 1 accumulates besides s (and sed).
+enum class Terms {
+  kNone,      // index target without smoothing, or an ignored row
+  kWeight,    // index target with smoothing:  a_c = w_c
+  kProb,      // probability target:           a_c = w_c q'_c,  q'_c = (1-eps) q_c + eps/C
+};
+
+template <typename acc_t>
+struct Params {
+  int64_t C;
+  acc_t eps;            // label smoothing
+  acc_t eps_c;          // eps / C
+  acc_t one_m_eps;      // 1 - eps
+  double W;             // sum_c w_c
+  const acc_t* w;       // (C,) weights; ones when the caller passed none
+  int64_t ignore_index;
+  bool prob;            // probability targets
+  bool grad;            // compute_grad
+};
+
+// Whether pass 2 takes exp(d_c) from pass 1 (rows of one block) or recomputes it from x.
+inline bool keeps_exp(int64_t C) { return C <= kConfig.block_cols; }
+
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> e;        // (C,) exp(d_c) of a one-block row, from pass 1
+  std::vector<acc_t> xs, qs;   // (block,) staged logits / targets of a half-precision input
+  std::vector<acc_t> gs;       // (block,) staged gradient of a half-precision output
+
+  Scratch(int64_t C, bool grad, bool staged) {
+    const int64_t blk = std::min(C, kConfig.block_cols);
+    if (grad && keeps_exp(C)) e.resize(C);
+    if (staged) {
+      xs.resize(blk);
+      qs.resize(blk);
+      gs.resize(blk);
+    }
+  }
+};
+
+// Half-precision values to fp32, a vector at a time (at::vec::convert has no vectorized
+// half -> float path: with it fp16 rows took 2.4x as long as fp32 ones).
+inline std::tuple<Vectorized<float>, Vectorized<float>> to_float(
+    const Vectorized<c10::BFloat16>& v) {
+  return at::vec::convert_bfloat16_float(v);
+}
+inline std::tuple<Vectorized<float>, Vectorized<float>> to_float(const Vectorized<c10::Half>& v) {
+  return at::vec::convert_half_float(v);
+}
+
+template <typename half_t>
+void widen(const half_t* src, float* dst, int64_t n) {
+  constexpr int64_t H = Vectorized<half_t>::size(), F = Vectorized<float>::size();
+  int64_t i = 0;
+  for (; i + H <= n; i += H) {
+    const auto [lo, hi] = to_float(Vectorized<half_t>::loadu(src + i));
+    lo.store(dst + i);
+    hi.store(dst + i + F);
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// A block of n values of a tensor as acc_t: the data itself, or a staged copy.
+template <typename scalar_t, typename acc_t>
+const acc_t* as_acc(const scalar_t* p, int64_t n, std::vector<acc_t>& stage) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return p;
+  } else {
+    widen(p, stage.data(), n);
+    return stage.data();
+  }
+}
+
+// ------------------------------------------------------------------------------------
+// Pass 1: sums over one block, relative to the shift h (= the running max)
+// ------------------------------------------------------------------------------------
+struct Sums {
+  double s = 0, sed = 0, lin = 0, asum = 0;
+
+  // The running max grew by delta / t: every d_c of the columns seen so far drops by delta.
+  void shift(double delta) {
+    const double r = std::exp(-delta);
+    sed = r * (sed - delta * s);   // sum e'd' = sum e r (d - delta)
+    s = r * s;
+    lin -= delta * asum;           // sum a (d - delta)
+  }
+  void add(const Sums& o) {
+    s += o.s;
+    sed += o.sed;
+    lin += o.lin;
+    asum += o.asum;
+  }
+};
+
+// e: where to keep exp(d_c) for pass 2, or null.
+template <typename acc_t, bool kGrad, Terms kTerms>
+Sums pass1_block(const acc_t* x, const acc_t* w, const acc_t* q, int64_t n, acc_t h, acc_t t,
+                 acc_t one_m_eps, acc_t eps_c, acc_t* e) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const Vec hv(h), tv(t), lowest(std::numeric_limits<acc_t>::lowest()), zero(0);
+  Vec s(0), sed(0), lin(0), asum(0);
+
+  auto step = [&](int64_t i, int64_t count) {
+    // Padding lanes hold -inf, so their exp is 0 and they add nothing to s or sed.
+    const Vec d = (load_fill(x + i, count, ninf) - hv) * tv;
+    const Vec ex = exp_nonpos(d);
+    s += ex;
+    if constexpr (kGrad) {
+      // d = -inf where x = -inf: exp 0 times a finite d, as the reference's where(dz == 0).
+      // (A plain max is enough here: d is never NaN on this path.)
+      sed += ex * at::vec::clamp_min(d, lowest);
+      if (e != nullptr) ex.store(e + i, count);
+    }
+    if constexpr (kTerms != Terms::kNone) {
+      Vec a = Vec::loadu(w + i, count);            // padding lanes: a = 0
+      if constexpr (kTerms == Terms::kProb) {
+        a = a * (Vec::loadu(q + i, count) * Vec(one_m_eps) + Vec(eps_c));
+      }
+      asum += a;
+      // A -inf logit gives a * -inf (inf, or NaN for a = 0), as the reference's w * nlp.
+      lin += a * (count == V ? d : Vec::set(zero, d, count));
+    }
+  };
+  int64_t i = 0;
+  for (; i + V <= n; i += V) step(i, V);
+  if (i < n) step(i, n - i);
+
+  Sums out;
+  out.s = hsum(s);
+  if constexpr (kGrad) out.sed = hsum(sed);
+  if constexpr (kTerms != Terms::kNone) {
+    out.lin = hsum(lin);
+    out.asum = hsum(asum);
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------------------------
+// Pass 2: the gradient of one block, g_c = coef * exp(d_c) - k * (term_c)
+// ------------------------------------------------------------------------------------
+// kFromX: exp(d_c) = exp((x_c - m) t) recomputed from x (src = x); else read (src = e).
+// g may be x itself: each vector of x is loaded before the same vector of g is stored.
+template <typename acc_t, Terms kTerms, bool kFromX>
+void pass2_block(const acc_t* src, const acc_t* w, const acc_t* q, int64_t n, acc_t m, acc_t t,
+                 acc_t coef, acc_t k, acc_t one_m_eps, acc_t eps_c, acc_t* g) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec cv(coef), kv(k), mv(m), tv(t);
+  auto step = [&](int64_t i, int64_t count) {
+    Vec ex;
+    if constexpr (kFromX) {
+      ex = exp_nonpos((Vec::loadu(src + i, count) - mv) * tv);
+    } else {
+      ex = Vec::loadu(src + i, count);
+    }
+    Vec out = cv * ex;
+    if constexpr (kTerms == Terms::kWeight) {
+      out = out - kv * Vec::loadu(w + i, count);
+    } else if constexpr (kTerms == Terms::kProb) {
+      const Vec qq = Vec::loadu(q + i, count) * Vec(one_m_eps) + Vec(eps_c);
+      out = out - kv * Vec::loadu(w + i, count) * qq;
+    }
+    out.store(g + i, count);
+  };
+  int64_t i = 0;
+  for (; i + V <= n; i += V) step(i, V);
+  if (i < n) step(i, n - i);
+}
+
+// ------------------------------------------------------------------------------------
+// One row
+// ------------------------------------------------------------------------------------
+struct RowOut {
+  double loss, lse, zdot;
+};
+
+template <typename scalar_t, typename acc_t>
+class RowKernel {
+ public:
+  RowKernel(const Params<acc_t>& p, Scratch<acc_t>& sc) : p_(p), sc_(sc) {}
+
+  // x, g: (C,) row of the logits and of the gradient (g may be x; may be null without grad).
+  // q: (C,) probability target row or null; y: index target (unused for probabilities).
+  RowOut run(const scalar_t* x, const scalar_t* q, int64_t y, acc_t t, acc_t gscale,
+             scalar_t* g) {
+    const bool ignored = !p_.prob && y == p_.ignore_index;
+    if (ignored) return dispatch<Terms::kNone>(x, q, y, t, gscale, g, true);
+    if (p_.prob) return dispatch<Terms::kProb>(x, q, y, t, gscale, g, false);
+    if (p_.eps > 0) return dispatch<Terms::kWeight>(x, q, y, t, gscale, g, false);
+    return dispatch<Terms::kNone>(x, q, y, t, gscale, g, false);
+  }
+
+ private:
+  template <Terms kTerms>
+  RowOut dispatch(const scalar_t* x, const scalar_t* q, int64_t y, acc_t t, acc_t gscale,
+                  scalar_t* g, bool ignored) {
+    if (p_.grad && !ignored) return finite_row<true, kTerms>(x, q, y, t, gscale, g, ignored);
+    return finite_row<false, kTerms>(x, q, y, t, gscale, g, ignored);
+  }
+
+  template <bool kGrad, Terms kTerms>
+  RowOut finite_row(const scalar_t* x, const scalar_t* q, int64_t y, acc_t t, acc_t gscale,
+                    scalar_t* g, bool ignored) {
+    const int64_t C = p_.C, B = kConfig.block_cols;
+    const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+
+    // ---- 1. online max and sums, block by block --------------------------------------
+    acc_t m = ninf;  // running max
+    Sums sums;
+    for (int64_t c0 = 0; c0 < C; c0 += B) {
+      const int64_t n = std::min(B, C - c0);
+      const acc_t* xb = as_acc(x + c0, n, sc_.xs);
+      const acc_t mb = block_max(xb, n);
+      if (std::isnan(mb) || mb == -ninf) return exact_row(x, q, y, t, gscale, g, ignored);
+      if (mb > m) {
+        // Sums over only -inf logits are 0 or absorbing (+-inf, NaN): nothing to rescale.
+        if (m != ninf) sums.shift((double(mb) - double(m)) * double(t));
+        m = mb;
+      }
+      // While every logit so far is -inf any finite shift gives the same sums; use 0.
+      const acc_t h = m != ninf ? m : acc_t(0);
+      const acc_t* qb = nullptr;
+      if constexpr (kTerms == Terms::kProb) qb = as_acc(q + c0, n, sc_.qs);
+      // A one-block row keeps its exponentials: its h is the final max m (or the row is
+      // all -inf and takes the exact path).
+      acc_t* eb = kGrad && keeps_exp(C) ? sc_.e.data() : nullptr;
+      sums.add(pass1_block<acc_t, kGrad, kTerms>(xb, p_.w + c0, qb, n, h, t, p_.one_m_eps,
+                                                 p_.eps_c, eb));
+    }
+    if (m == ninf) return exact_row(x, q, y, t, gscale, g, ignored);
+
+    const double log_s = std::log(sums.s);
+    RowOut out{0.0, log_s + double(m) * double(t), 0.0};
+    if (ignored) {
+      // loss 0; dloss/dz = p * 0 - 0 = 0, so zdot 0 and a zero gradient.
+      if (p_.grad) std::memset(static_cast<void*>(g), 0, sizeof(scalar_t) * C);
+      return out;
+    }
+
+    // ---- loss, and A (the coefficient of p_c in dloss/dz_c) ---------------------------
+    // index:  loss = (1-eps) w_y (log s - d_y) + eps/C (W log s - sum w d),
+    //         A = (1-eps) w_y + eps/C W
+    // prob:   loss = S log s - sum w q' d,  A = S = sum w q'
+    double A, zdot_rest;  // zdot = A * sed / s - zdot_rest
+    int64_t y_fix = -1;
+    double g_y_fix = 0;
+    if constexpr (kTerms == Terms::kProb) {
+      A = sums.asum;
+      out.loss = sums.asum * log_s - sums.lin;
+      zdot_rest = sums.lin;
+    } else {
+      const double w_y = p_.w[y];
+      const double c_y = double(p_.one_m_eps) * w_y;            // (1-eps) w_y
+      const acc_t d_y = (static_cast<acc_t>(x[y]) - m) * t;     // same rounding as reference
+      // (the term is 0 when c_y is, even for d_y = -inf, as the reference's where(dz == 0))
+      const double cd_y = c_y == 0 ? 0.0 : c_y * double(d_y);
+      A = c_y;
+      out.loss = c_y == 0 ? 0.0 : c_y * (log_s - double(d_y));
+      zdot_rest = cd_y;
+      if constexpr (kTerms == Terms::kWeight) {
+        const double ec = p_.eps_c;
+        A += ec * p_.W;
+        out.loss += ec * (p_.W * log_s - sums.lin);
+        zdot_rest += ec * sums.lin;
+      }
+      y_fix = y;
+      g_y_fix = c_y;
+    }
+    if constexpr (!kGrad) return out;
+
+    // zdot = sum_c dloss/dz_c d_c, with dloss/dz_c = p_c A - (the p-free part):
+    //      = A sed / s - [(1-eps) w_y d_y + eps/C sum w d]   (index)
+    //      = S sed / s - sum w q' d                          (prob)
+    out.zdot = A * sums.sed / sums.s - zdot_rest;
+
+    // ---- 2. gradient ------------------------------------------------------------------
+    // p_c = exp(d_c) / s, and with gst = grad_scale t:
+    //   index:  g_c = gst (p_c A - eps/C w_c) - [c == y] gst (1-eps) w_y
+    //   prob:   g_c = gst (p_c S - w_c q'_c)
+    const double gst = double(gscale) * double(t);
+    const acc_t k = kTerms == Terms::kProb ? acc_t(gst) : acc_t(gst * double(p_.eps_c));
+    const acc_t coef = acc_t(gst * A / sums.s);
+    const bool from_x = !keeps_exp(C);
+    for (int64_t c0 = 0; c0 < C; c0 += B) {
+      const int64_t n = std::min(B, C - c0);
+      const acc_t* qb = nullptr;
+      if constexpr (kTerms == Terms::kProb) qb = as_acc(q + c0, n, sc_.qs);
+      acc_t* gb;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        gb = g + c0;
+      } else {
+        gb = sc_.gs.data();
+      }
+      if (from_x) {
+        pass2_block<acc_t, kTerms, true>(as_acc(x + c0, n, sc_.xs), p_.w + c0, qb, n, m, t,
+                                         coef, k, p_.one_m_eps, p_.eps_c, gb);
+      } else {
+        pass2_block<acc_t, kTerms, false>(sc_.e.data() + c0, p_.w + c0, qb, n, m, t, coef, k,
+                                          p_.one_m_eps, p_.eps_c, gb);
+      }
+      if (y_fix >= c0 && y_fix < c0 + n) gb[y_fix - c0] -= acc_t(gst * g_y_fix);
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(gb, g + c0, n);
+    }
+    return out;
+  }
+
+  // A row whose max is NaN, +inf or -inf: scalar, the reference's formulas one by one
+  // (shift 0, torch.logsumexp's handling of infinite maxima), in acc_t.
+  RowOut exact_row(const scalar_t* x, const scalar_t* q, int64_t y, acc_t t, acc_t gscale,
+                   scalar_t* g, bool ignored) {
+    const int64_t C = p_.C;
+    const acc_t* w = p_.w;
+    auto d_at = [&](int64_t c) { return static_cast<acc_t>(x[c]) * t; };
+    auto q_at = [&](int64_t c) {
+      return static_cast<acc_t>(q[c]) * p_.one_m_eps + p_.eps_c;
+    };
+    acc_t dmax = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t c = 0; c < C; ++c) dmax = nan_max(dmax, d_at(c));
+    const acc_t shift = std::isinf(dmax) ? acc_t(0) : dmax;   // torch.logsumexp's rule
+    acc_t s = 0;
+    for (int64_t c = 0; c < C; ++c) s += std::exp(d_at(c) - shift);
+    const acc_t log_s = std::log(s) + shift;
+    RowOut out{0.0, double(log_s), 0.0};
+
+    acc_t A = 0, c_y = 0;
+    if (p_.prob) {
+      acc_t loss = 0, S = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t a = w[c] * q_at(c);
+        loss += a * (log_s - d_at(c));
+        S += a;
+      }
+      out.loss = loss;
+      A = S;
+    } else if (!ignored) {
+      c_y = p_.one_m_eps * w[y];
+      acc_t loss = c_y * (log_s - d_at(y));
+      if (p_.eps > 0) {
+        acc_t smooth = 0;
+        for (int64_t c = 0; c < C; ++c) smooth += w[c] * (log_s - d_at(c));
+        loss += p_.eps_c * smooth;
+      }
+      out.loss = loss;
+      A = c_y + p_.eps_c * acc_t(p_.W);
+    }
+    if (!p_.grad) return out;
+
+    const acc_t gst = gscale * t;
+    acc_t zdot = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t d = d_at(c);                  // read before g[c] (maybe x[c]) is written
+      const acc_t p = std::exp(-(log_s - d));
+      acc_t minus;
+      if (p_.prob) {
+        minus = w[c] * q_at(c);
+      } else {
+        minus = ignored ? acc_t(0) : (c == y ? c_y : acc_t(0)) + p_.eps_c * w[c];
+      }
+      const acc_t dz = p * A - minus;
+      if (dz != 0) zdot += dz * d;
+      g[c] = static_cast<scalar_t>(dz * gst);
+    }
+    out.zdot = zdot;
+    return out;
+  }
+
+  const Params<acc_t>& p_;
+  Scratch<acc_t>& sc_;
+};
+
+// Asks for transparent huge pages on the 2 MiB-aligned interior of a fresh, untouched
+// buffer (only whole pages inside it, so no other allocation is affected).  A hint: any
+// failure (THP disabled, not Linux) leaves ordinary pages.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const int64_t bytes = t.numel() * int64_t(t.element_size());
+  if (bytes < kConfig.huge_page_min_bytes) return;
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = (begin + bytes) & ~(kHuge - 1);
+  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
+// ------------------------------------------------------------------------------------
+// Argument checks
+// ------------------------------------------------------------------------------------
+void check_row_vector(const at::Tensor& v, const char* name, int64_t M, at::ScalarType acc) {
+  TORCH_CHECK(v.device().is_cpu(), "ce_rows: ", name, " must be a CPU tensor, got ", v.device());
+  TORCH_CHECK(v.dim() == 1 && (v.size(0) == 1 || v.size(0) == M), "ce_rows: ", name,
+              " must have shape (", M, ",) or (1,), got ", v.sizes());
+  TORCH_CHECK(v.scalar_type() == acc, "ce_rows: ", name, " must have dtype ", acc,
+              " (the accumulation dtype of x), got ", v.scalar_type());
+}
+
+void check_index_targets(const at::Tensor& target, int64_t C, int64_t ignore_index) {
+  const int64_t* y = target.data_ptr<int64_t>();
+  for (int64_t i = 0, M = target.numel(); i < M; ++i) {
+    TORCH_CHECK_INDEX(y[i] == ignore_index || (y[i] >= 0 && y[i] < C), "ce_rows: target ",
+                      y[i], " at row ", i, " is out of bounds for ", C,
+                      " classes (expected 0 <= target < ", C, " or target == ignore_index = ",
+                      ignore_index, ")");
+  }
+}
+
+// ------------------------------------------------------------------------------------
+// The op
+// ------------------------------------------------------------------------------------
+template <typename scalar_t>
+void ce_rows_impl(const at::Tensor& x, const at::Tensor& target, const at::Tensor& inv_t,
+                  const at::Tensor& weight, int64_t ignore_index, double label_smoothing,
+                  const at::Tensor& grad_scale, bool compute_grad, at::Tensor& grad,
+                  at::Tensor& loss, at::Tensor& lse, at::Tensor& zdot) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t M = x.size(0), C = x.size(1);
+
+  Params<acc_t> p;
+  p.C = C;
+  p.eps = acc_t(label_smoothing);
+  p.eps_c = acc_t(label_smoothing / double(C));
+  p.one_m_eps = acc_t(1.0 - label_smoothing);
+  p.ignore_index = ignore_index;
+  p.prob = target.is_floating_point();
+  p.grad = compute_grad;
+  p.w = weight.data_ptr<acc_t>();
+  double W = 0;
+  for (int64_t c = 0; c < C; ++c) W += p.w[c];
+  p.W = W;
+
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* qp = p.prob ? target.data_ptr<scalar_t>() : nullptr;
+  const int64_t* yp = p.prob ? nullptr : target.data_ptr<int64_t>();
+  const acc_t* tp = inv_t.data_ptr<acc_t>();
+  const acc_t* gsp = grad_scale.data_ptr<acc_t>();
+  const bool t_rows = inv_t.numel() == M && M != 1, gs_rows = grad_scale.numel() == M && M != 1;
+  scalar_t* gp = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
+  acc_t* lossp = loss.data_ptr<acc_t>();
+  acc_t* lsep = lse.data_ptr<acc_t>();
+  acc_t* zdotp = compute_grad ? zdot.data_ptr<acc_t>() : nullptr;
+  constexpr bool staged = !std::is_same_v<scalar_t, acc_t>;
+
+  at::parallel_for(0, M, grain_rows(C), [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> scratch(C, compute_grad, staged);
+    RowKernel<scalar_t, acc_t> kernel(p, scratch);
+    for (int64_t i = begin; i < end; ++i) {
+      const RowOut r = kernel.run(xp + i * C, qp ? qp + i * C : nullptr, yp ? yp[i] : 0,
+                                  tp[t_rows ? i : 0], gsp[gs_rows ? i : 0],
+                                  gp ? gp + i * C : nullptr);
+      lossp[i] = acc_t(r.loss);
+      lsep[i] = acc_t(r.lse);
+      if (zdotp) zdotp[i] = acc_t(r.zdot);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_rows_cpu(
+    const at::Tensor& x, const at::Tensor& target, const at::Tensor& inv_t,
+    const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
+    const at::Tensor& grad_scale, bool compute_grad, const std::optional<at::Tensor>& grad_out) {
+  // ---- checks: everything a direct call could get wrong, before any row is read ----
+  TORCH_CHECK(x.device().is_cpu(), "ce_rows (CPU): x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 2, "ce_rows: x must be 2-D (rows, classes), got shape ", x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              "ce_rows: x must be float32, float64, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(x.is_contiguous(), "ce_rows: x must be contiguous (strides ", x.strides(), ")");
+  const int64_t M = x.size(0), C = x.size(1);
+  TORCH_CHECK(C >= 1, "ce_rows: x must have at least one class, got shape ", x.sizes());
+  const auto acc = dt == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+              "ce_rows: label_smoothing must be in [0, 1], got ", label_smoothing);
+
+  TORCH_CHECK(target.device().is_cpu(), "ce_rows: target must be a CPU tensor, got ",
+              target.device());
+  at::Tensor tgt;
+  if (target.is_floating_point()) {
+    TORCH_CHECK(target.sizes() == x.sizes(), "ce_rows: probability target must have the shape ",
+                "of x ", x.sizes(), ", got ", target.sizes());
+    TORCH_CHECK(target.scalar_type() == dt, "ce_rows: probability target must have the dtype ",
+                "of x (", dt, "), got ", target.scalar_type());
+    tgt = target.contiguous();
+  } else {
+    TORCH_CHECK(target.scalar_type() == at::kLong, "ce_rows: index target must be int64, got ",
+                target.scalar_type());
+    TORCH_CHECK(target.dim() == 1 && target.size(0) == M, "ce_rows: index target must have ",
+                "shape (", M, ",), got ", target.sizes());
+    tgt = target.contiguous();
+    check_index_targets(tgt, C, ignore_index);
+  }
+  check_row_vector(inv_t, "inv_t", M, acc);
+  check_row_vector(grad_scale, "grad_scale", M, acc);
+  at::Tensor w;
+  if (weight.has_value() && weight->defined()) {
+    TORCH_CHECK(weight->device().is_cpu(), "ce_rows: weight must be a CPU tensor, got ",
+                weight->device());
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == C, "ce_rows: weight must have shape (",
+                C, ",), got ", weight->sizes());
+    TORCH_CHECK(weight->scalar_type() == acc, "ce_rows: weight must have dtype ", acc,
+                " (the accumulation dtype of x), got ", weight->scalar_type());
+    w = weight->contiguous();
+  } else {
+    w = at::ones({C}, x.options().dtype(acc));
+  }
+  const bool into_out = compute_grad && grad_out.has_value() && grad_out->defined();
+  if (into_out) {
+    TORCH_CHECK(grad_out->device().is_cpu(), "ce_rows: grad_out must be a CPU tensor, got ",
+                grad_out->device());
+    TORCH_CHECK(grad_out->sizes() == x.sizes(), "ce_rows: grad_out must have the shape of x ",
+                x.sizes(), ", got ", grad_out->sizes());
+    TORCH_CHECK(grad_out->scalar_type() == dt, "ce_rows: grad_out must have the dtype of x (",
+                dt, "), got ", grad_out->scalar_type());
+    TORCH_CHECK(grad_out->is_contiguous(), "ce_rows: grad_out must be contiguous (strides ",
+                grad_out->strides(), ")");
+  }
+
+  // ---- outputs ----
+  const auto acc_opts = x.options().dtype(acc);
+  at::Tensor loss = at::empty({M}, acc_opts), lse = at::empty({M}, acc_opts);
+  at::Tensor zdot = at::empty({compute_grad ? M : 0}, acc_opts);
+  at::Tensor grad = compute_grad && !into_out ? at::empty({M, C}, x.options())
+                                              : at::empty({0}, x.options());
+  if (compute_grad && !into_out) advise_huge_pages(grad);
+  at::Tensor grad_target = into_out ? *grad_out : grad;
+  const at::Tensor it = inv_t.contiguous(), gs = grad_scale.contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "tempsoft_ce_rows_cpu", [&] {
+    ce_rows_impl<scalar_t>(x, tgt, it, w, ignore_index, label_smoothing, gs, compute_grad,
+                           grad_target, loss, lse, zdot);
+  });
+  return {loss, lse, grad, zdot};
+}
+
+}  // namespace
+}  // namespace tempsoft
+
+TORCH_LIBRARY_IMPL(tempsoft_C, CPU, m) {
+  m.impl("ce_rows", &tempsoft::ce_rows_cpu);
+}

@@ -1,0 +1,354 @@
+"""The C++ CPU kernel torch.ops.tempsoft_C.ce_rows, called directly, against the reference.
+
+The public op (tempsoft.cross_entropy) is tested across backends in test_cross_entropy.py;
+this file checks the row kernel's own contract (tempsoft/kernels/reference.py): every
+target kind and option, every dtype, widths around the SIMD vector and the pass-1 block,
+writing into grad_out (x itself included), argument checks, and non-finite logits.
+
+Ground truth is the reference evaluated in float64 on the same (upcast) inputs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("tempsoft._C", reason="the C++ extension tempsoft._C is not built")
+
+from tempsoft.kernels import reference  # noqa: E402
+
+OPS = torch.ops.tempsoft_C
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# Relative tolerances: `acc` for loss / lse / zdot (computed in fp32, or fp64 for fp64),
+# `grad` for the gradient, which is rounded to the input dtype.  Gradients are compared
+# with an absolute floor of tol * max|grad| (entries near zero come from cancellations).
+TOL = {
+    torch.float64: {"acc": 1e-10, "grad": 1e-10},
+    torch.float32: {"acc": 1e-5, "grad": 1e-5},
+    torch.float16: {"acc": 1e-5, "grad": 2e-3},
+    torch.bfloat16: {"acc": 1e-5, "grad": 1.6e-2},
+}
+IGNORE = -100
+
+
+def acc_of(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def make_case(m, c, dtype, *, target="index", weight=False, per_row=False, scale=3.0,
+              seed=0):
+    """Random kernel arguments: (x, target, inv_t, weight, grad_scale).
+
+    target: "index", "ignored" (index with every third row ignored) or "prob".
+    per_row: inv_t and grad_scale with one value per row instead of one in all.
+    """
+    g = torch.Generator().manual_seed(seed)
+    acc = acc_of(dtype)
+    x = (torch.randn(m, c, generator=g, dtype=torch.float64) * scale).to(dtype)
+    if target == "prob":
+        tgt = torch.softmax(torch.randn(m, c, generator=g, dtype=torch.float64), 1).to(dtype)
+    else:
+        tgt = torch.randint(0, c, (m,), generator=g)
+        if target == "ignored":
+            tgt[::3] = IGNORE
+    rows = m if per_row else 1
+    inv_t = (torch.rand(rows, generator=g, dtype=torch.float64) * 2 + 0.25).to(acc)
+    w = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(acc) if weight else None
+    gscale = (torch.rand(rows, generator=g, dtype=torch.float64) + 0.5).to(acc)
+    return x, tgt, inv_t, w, gscale
+
+
+def expected(x, tgt, inv_t, w, ignore_index, eps, gscale, compute_grad):
+    """The reference in float64 on the same inputs."""
+    up = lambda t: None if t is None else t.double()  # noqa: E731
+    tgt64 = tgt.double() if tgt.is_floating_point() else tgt
+    return reference.ce_rows(x.double(), tgt64, up(inv_t), up(w), ignore_index, eps,
+                             up(gscale), compute_grad)
+
+
+def assert_matches(got, want, dtype, compute_grad, *, grad_in=None):
+    """got: the kernel's (loss, lse, grad, zdot); grad_in: where the gradient was written."""
+    tol = TOL[dtype]["acc"]
+    acc = acc_of(dtype)
+    loss, lse, grad, zdot = got
+    for name, a, b in (("loss", loss, want[0]), ("lse", lse, want[1])):
+        assert a.dtype == acc, f"{name} dtype {a.dtype}, expected {acc}"
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+    if not compute_grad:
+        assert grad.numel() == 0 and zdot.numel() == 0
+        return
+    assert zdot.dtype == acc
+    zscale = 1.0 + float(want[3].abs().max()) if want[3].numel() else 1.0
+    torch.testing.assert_close(zdot.double(), want[3], rtol=tol, atol=tol * zscale)
+    if grad_in is not None:
+        assert grad.numel() == 0, "the gradient went to grad_out; the returned grad must be empty"
+        grad = grad_in
+    assert grad.dtype == dtype and grad.shape == want[2].shape
+    gtol = TOL[dtype]["grad"]
+    # Inputs here keep grad_scale * inv_t near 1, so 1 is a floor for the gradient's scale
+    # (C = 1 has an all-zero gradient, computed as p A - w q' = 1-ulp residues).
+    gmax = max(float(want[2].abs().max()), 1.0) if want[2].numel() else 1.0
+    torch.testing.assert_close(grad.double(), want[2], rtol=gtol, atol=gtol * gmax)
+
+
+def run_kernel(x, tgt, inv_t, w, ignore_index, eps, gscale, mode):
+    """mode: "grad" (returned), "forward" (compute_grad False), "into_x" (grad_out = x, the
+    in-place backward), "into_buffer" (a separate grad_out).  Returns (outputs, grad_in)."""
+    if mode == "forward":
+        return OPS.ce_rows(x, tgt, inv_t, w, ignore_index, eps, gscale, False, None), None
+    if mode == "grad":
+        return OPS.ce_rows(x, tgt, inv_t, w, ignore_index, eps, gscale, True, None), None
+    out = x if mode == "into_x" else torch.full_like(x, float("nan"))
+    return OPS.ce_rows(x, tgt, inv_t, w, ignore_index, eps, gscale, True, out), out
+
+
+# --------------------------------------------------------------------------------------
+# Every option x every dtype
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["grad", "forward", "into_x", "into_buffer"])
+@pytest.mark.parametrize("per_row", [False, True], ids=["scalar_t", "per_row_t"])
+@pytest.mark.parametrize("eps", [0.0, 0.1], ids=["eps0", "eps0.1"])
+@pytest.mark.parametrize("weight", [False, True], ids=["noweight", "weight"])
+@pytest.mark.parametrize("target", ["index", "ignored", "prob"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(dtype, target, weight, eps, per_row, mode):
+    # C = 2085: one full 2048-column block, a second block of 37 = 2 x 16 + 5 columns
+    # (a partial SIMD vector for both 8- and 16-lane vectors); 13 rows.
+    x, tgt, inv_t, w, gscale = make_case(13, 2085, dtype, target=target, weight=weight,
+                                         per_row=per_row)
+    want = expected(x, tgt, inv_t, w, IGNORE, eps, gscale, mode != "forward")
+    got, grad_in = run_kernel(x, tgt, inv_t, w, IGNORE, eps, gscale, mode)
+    assert_matches(got, want, dtype, mode != "forward", grad_in=grad_in)
+
+
+# Widths: 1 (a single class: loss 0, gradient 0), 7 and 15/16/17 (below, at and above one
+# 16-lane vector), 1000 (one block with a tail), 2047/2048/2049 (around the 2048-column
+# block), 4099 (two full blocks and a tail).
+WIDTHS = [1, 7, 15, 16, 17, 1000, 2047, 2048, 2049, 4099]
+
+
+@pytest.mark.parametrize("c", WIDTHS)
+@pytest.mark.parametrize("target", ["ignored", "prob"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_widths(dtype, target, c):
+    x, tgt, inv_t, w, gscale = make_case(11, c, dtype, target=target, weight=True, per_row=True,
+                                         seed=c)
+    want = expected(x, tgt, inv_t, w, IGNORE, 0.05, gscale, True)
+    got = OPS.ce_rows(x, tgt, inv_t, w, IGNORE, 0.05, gscale, True, None)
+    assert_matches(got, want, dtype, True)
+
+
+def test_increasing_row_max_across_blocks():
+    # Sorted logits make the running max grow in every block, so every block rescales the
+    # sums; reversed, the max is in the first block and never changes.
+    base = torch.linspace(-20, 20, 9000, dtype=torch.float32)
+    x = torch.stack([base, base.flip(0), base[torch.randperm(9000)]])
+    tgt = torch.tensor([5, 8999, 4500])
+    one = torch.ones(1)
+    inv_t = torch.tensor([0.7])
+    want = expected(x, tgt, inv_t, None, IGNORE, 0.1, one, True)
+    assert_matches(OPS.ce_rows(x, tgt, inv_t, None, IGNORE, 0.1, one, True, None), want,
+                   torch.float32, True)
+
+
+def test_matches_f_cross_entropy():
+    # The kernel's loss and gradient are F.cross_entropy(x / T)'s, row by row.
+    x, tgt, _, w, _ = make_case(37, 300, torch.float64, target="ignored", weight=True)
+    T = 0.3
+    loss, _, grad, _ = OPS.ce_rows(x, tgt, torch.tensor([1 / T], dtype=torch.float64), w,
+                                   IGNORE, 0.2, torch.ones(1, dtype=torch.float64), True, None)
+    xr = x.clone().requires_grad_()
+    ref = F.cross_entropy(xr / T, tgt, weight=w, ignore_index=IGNORE, label_smoothing=0.2,
+                          reduction="none")
+    ref.sum().backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, xr.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_ignore_index_inside_class_range():
+    x, tgt, inv_t, w, gscale = make_case(20, 40, torch.float32, weight=True)
+    tgt[::2] = 3
+    want = expected(x, tgt, inv_t, w, 3, 0.1, gscale, True)
+    got = OPS.ce_rows(x, tgt, inv_t, w, 3, 0.1, gscale, True, None)
+    assert_matches(got, want, torch.float32, True)
+    assert bool((got[0][::2] == 0).all()) and bool((got[2][::2] == 0).all())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    m=st.integers(0, 6),
+    c=st.integers(1, 70),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    target=st.sampled_from(["index", "ignored", "prob"]),
+    weight=st.booleans(),
+    eps=st.sampled_from([0.0, 0.3, 1.0]),
+    scale=st.sampled_from([0.1, 3.0, 30.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_small(m, c, dtype, target, weight, eps, scale, seed):
+    x, tgt, inv_t, w, gscale = make_case(m, c, dtype, target=target, weight=weight,
+                                         per_row=seed % 2 == 1, scale=scale, seed=seed)
+    want = expected(x, tgt, inv_t, w, IGNORE, eps, gscale, True)
+    got = OPS.ce_rows(x, tgt, inv_t, w, IGNORE, eps, gscale, True, None)
+    assert_matches(got, want, dtype, True)
+
+
+# --------------------------------------------------------------------------------------
+# Threads, aliasing, empty input
+# --------------------------------------------------------------------------------------
+def test_threads_give_identical_results():
+    # 64 x 3000 spans several parallel tasks; each row is computed the same way whichever
+    # thread runs it, so the results must be bitwise equal.
+    x, tgt, inv_t, w, gscale = make_case(64, 3000, torch.float32, target="ignored",
+                                         weight=True, per_row=True)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = OPS.ce_rows(x, tgt, inv_t, w, IGNORE, 0.1, gscale, True, None)
+        torch.set_num_threads(max(2, before))
+        many = OPS.ce_rows(x, tgt, inv_t, w, IGNORE, 0.1, gscale, True, None)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_in_place_equals_out_of_place(dtype):
+    x, tgt, inv_t, w, gscale = make_case(9, 2500, dtype, target="prob", weight=True)
+    fresh = OPS.ce_rows(x, tgt, inv_t, w, IGNORE, 0.1, gscale, True, None)
+    xi = x.clone()
+    inplace = OPS.ce_rows(xi, tgt, inv_t, w, IGNORE, 0.1, gscale, True, xi)
+    assert inplace[2].numel() == 0
+    assert torch.equal(xi, fresh[2])
+    for k in (0, 1, 3):
+        assert torch.equal(inplace[k], fresh[k])
+
+
+def test_forward_only_leaves_grad_out_untouched():
+    x, tgt, inv_t, w, gscale = make_case(5, 300, torch.float32, weight=True)
+    out = torch.full_like(x, 7.0)
+    loss, lse, grad, zdot = OPS.ce_rows(x, tgt, inv_t, w, IGNORE, 0.1, gscale, False, out)
+    assert bool((out == 7.0).all())
+    assert grad.numel() == 0 and zdot.numel() == 0 and loss.shape == (5,)
+
+
+@pytest.mark.parametrize("compute_grad", [True, False])
+@pytest.mark.parametrize("target", ["index", "prob"])
+def test_zero_rows(target, compute_grad):
+    x, tgt, inv_t, w, gscale = make_case(0, 5, torch.float32, target=target)
+    loss, lse, grad, zdot = OPS.ce_rows(x, tgt, inv_t, w, IGNORE, 0.0, gscale, compute_grad,
+                                        None)
+    assert loss.shape == (0,) and lse.shape == (0,)
+    assert grad.shape == ((0, 5) if compute_grad else (0,))
+    assert zdot.shape == (0,)
+
+
+# --------------------------------------------------------------------------------------
+# Non-finite and extreme logits
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_non_finite_rows_match_reference(dtype, eps):
+    # Row 0: a NaN in the second block; 1: a +inf; 2: all -inf; 3: ignored with a NaN;
+    # 4: one -inf logit in a finite row (loss stays finite without smoothing, as in
+    # F.cross_entropy); 5: ordinary.
+    x, tgt, inv_t, _, gscale = make_case(6, 3000, dtype, per_row=True)
+    x[0, 2500] = float("nan")
+    x[1, 10] = float("inf")
+    x[2] = float("-inf")
+    x[3, 7] = float("nan")
+    tgt[3] = IGNORE
+    x[4, (int(tgt[4]) + 1) % 3000] = float("-inf")
+    want = reference.ce_rows(x, tgt, inv_t, None, IGNORE, eps, gscale, True)
+    got = OPS.ce_rows(x, tgt, inv_t, None, IGNORE, eps, gscale, True, None)
+    for name, a, b in zip(("loss", "lse", "grad", "zdot"), got, want):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+    loss, lse = got[0], got[1]
+    assert torch.isnan(loss[0]) and torch.isnan(lse[0])       # NaN logit: NaN loss
+    assert not torch.isfinite(loss[1]) and lse[1] == float("inf")
+    assert not torch.isfinite(loss[2])
+    assert loss[3] == 0 and torch.isnan(lse[3])               # ignored: no loss, lse still NaN
+    assert torch.isfinite(got[0][5])
+    assert bool(torch.isfinite(got[0][4])) == (eps == 0.0)
+
+
+@pytest.mark.parametrize("target", ["index", "prob"])
+def test_nan_in_any_column_gives_nan_loss(target):
+    # Each row has a single NaN in a different column (first, block edge, tail, last).
+    x, tgt, inv_t, w, gscale = make_case(5, 2100, torch.float32, target=target)
+    for row, col in enumerate([0, 2047, 2048, 2090, 2099]):
+        x[row, col] = float("nan")
+    loss, lse, grad, zdot = OPS.ce_rows(x, tgt, inv_t, w, IGNORE, 0.0, gscale, True, None)
+    assert bool(torch.isnan(loss).all()) and bool(torch.isnan(lse).all())
+    assert bool(torch.isnan(zdot).all()) and bool(torch.isnan(grad).any(dim=1).all())
+
+
+@pytest.mark.parametrize("target", ["index", "prob"])
+def test_huge_logits_tiny_temperature_stay_finite(target):
+    # z = x / T reaches 1e7: only the shifted form (x - max x) / T keeps exp finite.
+    x, tgt, _, w, gscale = make_case(16, 1500, torch.float32, target=target, weight=True,
+                                     scale=1e4)
+    inv_t = torch.tensor([1e3])
+    got = OPS.ce_rows(x, tgt, inv_t, w, IGNORE, 0.1, gscale, True, None)
+    for t in got:
+        assert bool(torch.isfinite(t).all())
+    want = expected(x, tgt, inv_t, w, IGNORE, 0.1, gscale, True)
+    assert_matches(got, want, torch.float32, True)
+
+
+# --------------------------------------------------------------------------------------
+# Bad arguments
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [5, -1, 1000, -101])
+def test_out_of_range_target_raises_index_error(bad):
+    x, tgt, inv_t, w, gscale = make_case(4, 5, torch.float32)
+    tgt[2] = bad
+    with pytest.raises(IndexError, match=rf"target {bad} at row 2 .*5 classes"):
+        OPS.ce_rows(x, tgt, inv_t, w, IGNORE, 0.0, gscale, True, None)
+
+
+def test_ignore_index_value_is_not_out_of_range():
+    x, tgt, inv_t, w, gscale = make_case(4, 5, torch.float32)
+    tgt[:] = IGNORE
+    loss = OPS.ce_rows(x, tgt, inv_t, w, IGNORE, 0.0, gscale, True, None)[0]
+    assert bool((loss == 0).all())
+
+
+def _good_args():
+    x, tgt, inv_t, w, gscale = make_case(4, 5, torch.float32, weight=True)
+    return dict(x=x, target=tgt, inv_t=inv_t, weight=w, ignore_index=IGNORE,
+                label_smoothing=0.0, grad_scale=gscale, compute_grad=True, grad_out=None)
+
+
+BAD_ARGS = {
+    "x_1d": (dict(x=torch.randn(5)), "must be 2-D"),
+    "x_int": (dict(x=torch.ones(4, 5, dtype=torch.int32)), "must be float32"),
+    "x_strided": (dict(x=torch.randn(5, 4).t()), "must be contiguous"),
+    "no_classes": (dict(x=torch.randn(4, 0)), "at least one class"),
+    "target_int32": (dict(target=torch.zeros(4, dtype=torch.int32)), "must be int64"),
+    "target_rows": (dict(target=torch.zeros(3, dtype=torch.int64)), r"shape \(4,\)"),
+    "prob_dtype": (dict(target=torch.rand(4, 5, dtype=torch.float64)), "dtype of x"),
+    "prob_shape": (dict(target=torch.rand(4, 6)), "shape"),
+    "inv_t_dtype": (dict(inv_t=torch.ones(1, dtype=torch.float64)), "inv_t must have dtype"),
+    "inv_t_shape": (dict(inv_t=torch.ones(3)), "inv_t must have shape"),
+    "scale_shape": (dict(grad_scale=torch.ones(2, 2)), "grad_scale must have shape"),
+    "weight_shape": (dict(weight=torch.ones(4)), r"weight must have shape \(5,\)"),
+    "weight_dtype": (dict(weight=torch.ones(5, dtype=torch.float64)), "weight must have dtype"),
+    "smoothing": (dict(label_smoothing=1.5), r"label_smoothing must be in \[0, 1\], got 1.5"),
+    "out_shape": (dict(grad_out=torch.empty(4, 6)), "grad_out must have the shape"),
+    "out_dtype": (dict(grad_out=torch.empty(4, 5, dtype=torch.float64)), "grad_out must have"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGS))
+def test_bad_arguments_raise(case):
+    change, message = BAD_ARGS[case]
+    args = _good_args()
+    args.update(change)
+    with pytest.raises(RuntimeError, match=message):
+        OPS.ce_rows(*args.values())
+
