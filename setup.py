@@ -49,6 +49,7 @@ INSTALL_REQUIRES = [
     "matplotlib",
     "scipy",
     "scikit-learn",
+    "pillow",
     "tomli; python_version<'3.11'",
 ]
 EXTRAS_REQUIRE = {
