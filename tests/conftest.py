@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 
@@ -47,3 +48,13 @@ def _register_hypothesis_profiles() -> None:
 
 _interpret_triton_without_cuda()
 _register_hypothesis_profiles()
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread (restored after): tiny models are as fast on one
+    thread, and OpenMP threads that spin-wait for each other stall on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

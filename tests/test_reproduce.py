@@ -19,13 +19,8 @@ QUICK = ["grid.temperatures=[0.5, 5.0]", "grid.seeds=[0, 1]", "train.epochs=2",
          'eval.corruptions=["gaussian_noise", "contrast"]', "eval.severities=[1, 5]"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny 8x8 models: one thread is as fast and does not stall on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny 8x8 models: one thread is as fast and does not stall on a busy machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def minimal(**sections) -> dict:

@@ -20,13 +20,8 @@ from tempsoft.train import (TrainConfig, build_optimizer, build_scheduler, gradi
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny 8x8 models: one thread is as fast and does not stall on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny 8x8 models: one thread is as fast and does not stall on a busy machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw) -> TrainConfig:
