@@ -19,9 +19,10 @@ temperature (x ~ 1e4, T = 1e-3) stay finite.  Math runs in fp32 for fp16 / bf16 
 inputs and in fp64 for fp64 inputs; the gradient is stored in the input dtype.
 
 Where this kernel knowingly departs from the reference (both on degenerate inputs):
-  * A class with logit -inf and zero coefficient (its target probability, or with index
-    targets and no smoothing, every class but the target) contributes 0 to the loss
-    (0 * inf := 0), as F.cross_entropy does for index targets.  The reference returns NaN.
+  * With probability targets, a class with logit -inf and target probability 0 contributes
+    0 to the loss (0 * log 0 := 0: the column behaves as if absent).  The reference, like
+    F.cross_entropy, returns NaN there.  (With index targets all backends agree: such a
+    class contributes nothing without label smoothing, and inf with it.)
   * Rows whose target is ignore_index get an exactly zero gradient and zdot even when their
     logits hold NaN; the reference propagates the NaN into them.
 """
