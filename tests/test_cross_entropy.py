@@ -428,6 +428,13 @@ def test_retain_graph_backward_twice_accumulates_the_same_gradient():
     torch.testing.assert_close(once, x2.grad)
 
 
+def test_double_backward_is_refused_not_silently_wrong():
+    x = torch.randn(3, 4, requires_grad=True)
+    loss = tempsoft.cross_entropy(x, torch.tensor([0, 1, 2]), 2.0)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
 def test_softmax_and_log_softmax():
     x = torch.randn(3, 6, dtype=torch.bfloat16)
     torch.testing.assert_close(tempsoft.softmax(x, 2.0),

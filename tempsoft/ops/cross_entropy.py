@@ -163,6 +163,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, g_loss, *unused):
     if g_loss is None:
         return (None,) * 9
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # create_graph=True: the saved gradient is a constant here, so a second derivative
+        # would silently miss terms. Refuse instead.
+        raise RuntimeError(
+            "tempsoft.cross_entropy does not support double backward (create_graph=True); "
+            "use F.cross_entropy(input / T, ...) where second derivatives are needed"
+        )
     x, target, inv_t, weight, lse, grad, zdot, scale = ctx.saved_tensors
     needs_x, needs_target, needs_inv_t = ctx.needs_input_grad[:3]
     none = ctx.reduction == _REDUCTIONS["none"]
