@@ -46,14 +46,16 @@ class BasicBlock(nn.Module):
 
 
 class PreActBlock(nn.Module):
-    """BN-ReLU-conv-BN-ReLU-conv + shortcut (taken after the first BN-ReLU when projecting)."""
+    """BN-ReLU-conv-BN-ReLU-[dropout]-conv + shortcut (taken after the first BN-ReLU when
+    projecting). Dropout (off by default) is the wide-ResNet variant's."""
 
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin)
         self.conv1 = _conv3x3(cin, cout, stride)
         self.bn2 = nn.BatchNorm2d(cout)
         self.conv2 = _conv3x3(cout, cout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.shortcut = (nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
                          if stride != 1 or cin != cout else None)
 
@@ -61,7 +63,7 @@ class PreActBlock(nn.Module):
         out = torch.relu(self.bn1(x))
         shortcut = self.shortcut(out) if self.shortcut is not None else x
         out = self.conv1(out)
-        out = self.conv2(torch.relu(self.bn2(out)))
+        out = self.conv2(self.dropout(torch.relu(self.bn2(out))))
         return out + shortcut
 
 

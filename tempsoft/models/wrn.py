@@ -9,28 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tempsoft.models.resnet import PreActBlock
+
 __all__ = ["WideResNet", "wrn28_10"]
-
-
-class WideBlock(nn.Module):
-    """Pre-activation wide block; the shortcut projects from the activated input."""
-
-    def __init__(self, cin: int, cout: int, stride: int, dropout: float) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.shortcut = (nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
-                         if stride != 1 or cin != cout else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv1(out)
-        out = self.conv2(self.dropout(torch.relu(self.bn2(out))))
-        return out + shortcut
 
 
 class WideResNet(nn.Module):
@@ -51,7 +32,7 @@ class WideResNet(nn.Module):
         blocks, cin = [], widths[0]
         for width, stride in zip(widths[1:], (1, 2, 2)):
             for i in range(per_stage):
-                blocks.append(WideBlock(cin, width, stride if i == 0 else 1, dropout))
+                blocks.append(PreActBlock(cin, width, stride if i == 0 else 1, dropout))
                 cin = width
         self.stages = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(cin)
