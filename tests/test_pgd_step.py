@@ -163,6 +163,70 @@ def test_inactive_rows_untouched_and_nan_gradient_pixel_stays(backend, device):
     assert not torch.isnan(got).any()
 
 
+def _tiny_gradients(dtype, device):
+    """Rows whose gradient is too small to normalise, next to rows that are not.
+
+    A saturated softmax leaves input gradients of denormals: alpha / ||g|| then overflows
+    the dtype, and a naive step computes inf * 0 = NaN on the zero entries.
+    """
+    tiny = torch.finfo(dtype).smallest_normal
+    shape = (6, 3, 4, 4)
+    g = torch.Generator().manual_seed(11)
+    x_nat = torch.rand(shape, generator=g, dtype=dtype)
+    grad = torch.randn(shape, generator=g, dtype=dtype)
+    grad[0] = 0.0                                      # exactly zero
+    grad[1] = 0.0
+    grad[1].view(-1)[:5] = tiny * 2.0 ** -20           # denormals among zeros
+    grad[2] = grad[2].sign() * tiny * 2.0 ** -3        # a whole row of denormals
+    grad[3].view(-1)[::2] = 0.0
+    grad[3].view(-1)[1::2] = tiny                      # smallest normals among zeros
+    grad[4].view(-1)[0] = torch.finfo(dtype).max       # huge: its square overflows fp32
+    x_adv = x_nat.clone()
+    move = lambda t: t.to(device)  # noqa: E731
+    return move(x_adv), move(grad), move(x_nat)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("alpha", [0.1, 2.0, 1e30])
+def test_denormal_and_zero_gradients_give_finite_steps(backend, device, norm, alpha):
+    """Every finite input gives a finite output, equal to the reference's, on every backend;
+    a gradient too small to normalise is no L2 step (rows 0-2 stay put)."""
+    _skip_unavailable(backend)
+    x_adv, grad, x_nat = _tiny_gradients(torch.float32, device)
+    eps = torch.full((6,), 0.5, device=device)
+    eps[5] = float("inf")                              # an unbounded ball is allowed
+    want = _reference(x_adv, grad, x_nat, eps, alpha, norm, 0.0, 1.0, None)
+    got = pgd_step_(x_adv.clone(), grad, x_nat, eps, alpha, norm, backend=backend)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, want)
+    if norm == "l2":
+        # Where alpha / ||g|| overflows fp32 (always for the denormal row 1, for more rows as
+        # alpha grows) there is no step, as for the zero row 0.
+        g_norm = grad.double().flatten(1).norm(dim=1).cpu()
+        no_step = (g_norm == 0) | (alpha / g_norm > torch.finfo(torch.float32).max)
+        assert no_step[:2].all() and not no_step[5]
+        assert torch.equal(got[no_step.to(device)], x_adv[no_step.to(device)])
+    else:
+        assert torch.equal(got[0], x_adv[0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_denormal_gradients_fp64(backend):
+    _skip_unavailable(backend)
+    x_adv, grad, x_nat = _tiny_gradients(torch.float64, "cpu")
+    got = pgd_step_(x_adv.clone(), grad, x_nat, 0.5, 0.1, "l2", backend=backend)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got[0], x_adv[0])
+
+
+def test_infinite_step_size_is_refused():
+    x = torch.rand(2, 5)
+    for alpha in (float("inf"), torch.tensor([0.1, float("inf")])):
+        with pytest.raises(ValueError, match="alpha must be >= 0 and finite"):
+            pgd_step_(x.clone(), torch.randn(2, 5), x, 0.1, alpha)
+
+
 @pytest.mark.parametrize("backend,device", CASES)
 def test_noncontiguous_and_aliased_inputs(backend, device):
     """x_adv a strided view (written back in place); x_nat sharing x_adv's storage."""

@@ -8,7 +8,7 @@
 // three passes inside one thread (its rows stay in cache between passes):
 //   1. G = sum g^2                                       (fp64)
 //   2. d = x_adv + g*scale - x_nat, stored into x_adv;  D = sum d^2 (fp64),
-//      scale = alpha / sqrt(G)
+//      scale = alpha / sqrt(G), or no step when G is 0 or not finite or the scale overflows
 //   3. write clamp(x_nat + d * f), f = min(1, eps / sqrt(D))
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -166,8 +166,10 @@ void l2_row(T* x, const T* g, const T* x0, int64_t n, T eps, T alpha, T lo, T hi
     g_sq.add(V::loadu(g + i, std::min<int64_t>(V::size(), n - i)));  // zeros past the end
   }
   const double G = g_sq.total();
-  const bool step = G > 0 && G < kInf;
-  const T scale = step ? static_cast<T>(static_cast<double>(alpha) / std::sqrt(G)) : T(0);
+  // A gradient too small to normalise (alpha / ||g|| overflows T) is no step, like a zero one.
+  const T s = static_cast<T>(static_cast<double>(alpha) / std::sqrt(G));
+  const bool step = G > 0 && G < kInf && std::isfinite(s);
+  const T scale = step ? s : T(0);
   const V v_scale(scale);
 
   // 2. norm of the stepped offset -> projection factor. The offset overwrites x (its

@@ -7,7 +7,7 @@
 //   Linf (elementwise, one pass: read x_adv, grad, x_nat; write x_adv):
 //     s = (g > 0) - (g < 0);  a = x + alpha s;  d = min(max(a - x0, -eps), eps)
 //   L2 (a block, or on sm_90 a cluster of blocks, per sample; sums in fp64):
-//     1. G = sum g^2;  ok = 0 < G < inf;  scale = ok ? T(alpha / sqrt(G)) : 0
+//     1. G = sum g^2;  s = T(alpha / sqrt(G));  ok = 0 < G < inf && isfinite(s);  scale = ok ? s : 0
 //     2. d = (x + (ok ? g*scale : 0)) - x0;  D = sum d^2;  f = sqrt(D) > eps ? T(eps/sqrt(D)) : 1
 //     3. write clamp(x0 + d*f)
 //     Between the passes the sample stays in shared memory when it fits (g after pass 1;
@@ -193,8 +193,10 @@ __global__ void __launch_bounds__(kThreads) pgd_l2_kernel(const PgdArgs a, const
     }
   }
   const double G = cluster_total(block_total<kThreads>(gsum, s_red1), &s_peer1, cs);
-  const bool ok = G > 0.0 && G < static_cast<double>(INFINITY);
-  const T scale = ok ? static_cast<T>(static_cast<double>(alpha) / sqrt(G)) : T(0);
+  // A gradient too small to normalise (alpha / ||g|| overflows T) is no step, like a zero one.
+  const T s = static_cast<T>(static_cast<double>(alpha) / sqrt(G));
+  const bool ok = G > 0.0 && G < static_cast<double>(INFINITY) && isfinite(s);
+  const T scale = ok ? s : T(0);
 
   // 2. norm of the stepped offset -> projection factor
   auto offset = [&](const P& xv, const P& gv, const P& nv) {

@@ -130,8 +130,9 @@ def ce_rows(
 #     a = x_adv + alpha * s                  alpha * s is exact, so an FMA changes nothing
 #     d = min(max(a - x_nat, -eps), eps)
 #   L2 (both sums in fp64; squares of fp32 values are exact in fp64):
-#     G = sum g^2 (fp64);  ok = 0 < G < inf
-#     scale = ok ? fp32(fp64(alpha) / sqrt(G)) : 0      a zero or non-finite gradient: no step
+#     G = sum g^2 (fp64);  s = dtype(fp64(alpha) / sqrt(G))
+#     ok = 0 < G < inf and s is finite
+#     scale = ok ? s : 0                     a zero, non-finite or too small gradient: no step
 #     a = x_adv + (ok ? g * scale : 0)       the product rounded before the add (no FMA)
 #     d = a - x_nat
 #     D = sum d^2 (fp64);  n = sqrt(D)
@@ -140,6 +141,13 @@ def ce_rows(
 #   both:
 #     out = min(max(x_nat + d, lower), upper)
 #     out = active ? out : x_adv
+#
+# "Too small": a gradient of denormals (a saturated softmax) can have alpha / ||g|| beyond the
+# largest finite value of the dtype; stepping by it would give inf * 0 = NaN. Such a gradient
+# carries no usable direction, so the sample does not move, exactly as for a zero gradient.
+# (AutoAttack and torchattacks divide by ||g|| + 1e-12 / 1e-10 instead, which moves such a
+# sample by a vanishing amount: the same outcome without a magic constant.) Every finite
+# input gives a finite output for a finite alpha.
 #
 # Kernels must not contract a product and an add into an FMA (C++: a compiler barrier;
 # Triton: enable_fp_fusion=False; CUDA: __fmul_rn / __fadd_rn). The two L2 sums may be
@@ -170,9 +178,10 @@ def pgd_step(
         d = torch.minimum(torch.maximum(a - x_nat, -e), e)
     elif norm == 2:
         g_sq = _row_sum_sq(grad)
-        ok = (g_sq > 0) & (g_sq < float("inf"))
-        scale = torch.where(ok, alpha.to(torch.float64) / g_sq.sqrt(), torch.zeros_like(g_sq))
-        step = grad * scale.to(dtype).reshape(bshape)
+        scale = (alpha.to(torch.float64) / g_sq.sqrt()).to(dtype)
+        ok = (g_sq > 0) & (g_sq < float("inf")) & torch.isfinite(scale)
+        scale = torch.where(ok, scale, torch.zeros_like(scale))
+        step = grad * scale.reshape(bshape)
         step = torch.where(ok.reshape(bshape), step, torch.zeros_like(step))
         d = (x_adv + step) - x_nat
         n = _row_sum_sq(d).sqrt()

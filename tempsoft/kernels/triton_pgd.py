@@ -72,8 +72,10 @@ def _pgd_l2_kernel(
     g_sq = tl.sum(acc, axis=0)
     step = (g_sq > 0) & (g_sq < float("inf"))
     alpha = tl.load(alpha_ptr + row).to(tl.float64)
-    scale = tl.where(step, alpha / tl.sqrt(tl.where(step, g_sq, 1.0)), 0.0)
-    scale = scale.to(tl.float32)
+    scale = tl.where(step, alpha / tl.sqrt(tl.where(step, g_sq, 1.0)), 0.0).to(tl.float32)
+    # A gradient too small to normalise (the scale overflows fp32) is no step, like a zero one.
+    step = step & (scale < float("inf"))
+    scale = tl.where(step, scale, 0.0)
 
     # 2. D = sum (x + g*scale - x0)^2 in fp64 -> projection factor
     acc = tl.zeros([BLOCK], dtype=tl.float64)

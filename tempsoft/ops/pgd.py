@@ -94,12 +94,13 @@ def check_bounds(lower: Number, upper: Number) -> tuple[float, float]:
     return lower, upper
 
 
-def per_sample(name: str, value, batch: int, like: Tensor, check_values: bool = True) -> Tensor:
+def per_sample(name: str, value, batch: int, like: Tensor, check_values: bool = True,
+               finite: bool = False) -> Tensor:
     """A number, 0-d or (B,) tensor -> a contiguous (B,) tensor in the dtype/device of `like`.
 
-    Values must be >= 0 and not NaN (infinity is allowed: an unbounded ball). Checking the
-    values of a tensor reads it on the host; pass check_values=False on hot paths whose
-    caller checked once.
+    Values must be >= 0 and not NaN; infinity is allowed (an unbounded ball) unless `finite`
+    (a step size: an infinite step has no direction). Checking the values of a tensor reads
+    it on the host; pass check_values=False on hot paths whose caller checked once.
     """
     if isinstance(value, Tensor):
         if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
@@ -114,13 +115,16 @@ def per_sample(name: str, value, batch: int, like: Tensor, check_values: bool = 
         t = value.to(like.dtype).expand(batch).contiguous()
         if check_values and not torch.compiler.is_compiling():
             bad = torch.isnan(t) | (t < 0)
+            if finite:
+                bad |= torch.isinf(t)
             if bool(bad.any()):
-                raise ValueError(f"{name} must be >= 0, got {float(t[bad][0])}")
+                raise ValueError(f"{name} must be >= 0{' and finite' if finite else ''}, got "
+                                 f"{float(t[bad][0])}")
         return t
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+    if math.isnan(value) or value < 0 or (finite and math.isinf(value)):
+        raise ValueError(f"{name} must be >= 0{' and finite' if finite else ''}, got {value}")
     return torch.full((batch,), float(value), dtype=like.dtype, device=like.device)
 
 
@@ -190,8 +194,9 @@ def pgd_step_(
     """One projected gradient-ascent step, in place, fused into one pass over memory.
 
     Linf (Madry et al., 2018): ``x_adv + alpha * sign(grad)``; L2: ``x_adv + alpha * grad /
-    ||grad||_2`` per sample (a sample whose gradient is all zero, or not finite, does not
-    move). Then the offset from ``x_nat`` is projected onto the eps-ball (clamped to
+    ||grad||_2`` per sample (a sample whose gradient is all zero, not finite, or too small
+    to normalise -- alpha / ||grad|| beyond the dtype's range, as with the denormal gradients
+    of a saturated softmax -- does not move). Every finite input gives a finite output. Then the offset from ``x_nat`` is projected onto the eps-ball (clamped to
     [-eps, eps] for Linf, scaled down to norm eps for L2) and the result clamped to
     [lower, upper]. The exact arithmetic is the contract in ``tempsoft/kernels/reference.py``;
     every backend reproduces it (fp32 results equal the reference's).
@@ -201,7 +206,7 @@ def pgd_step_(
         grad: the loss gradient at x_adv (ascent direction; negate it to descend).
         x_nat: the natural (clean) batch, centre of the eps-ball.
         eps: ball radius, >= 0: a number or a (B,) tensor (one per sample).
-        alpha: step size, >= 0: a number or a (B,) tensor.
+        alpha: step size, >= 0 and finite: a number or a (B,) tensor.
         norm: "linf" or "l2".
         lower, upper: the box the images live in.
         active: optional (B,) bool; samples with False are left untouched.
@@ -226,7 +231,7 @@ def pgd_step_(
     lower, upper = check_bounds(lower, upper)
     batch = x_adv.shape[0]
     eps_t = per_sample("eps", eps, batch, x_adv)
-    alpha_t = per_sample("alpha", alpha, batch, x_adv)
+    alpha_t = per_sample("alpha", alpha, batch, x_adv, finite=True)
     active = _check_active(active, batch, x_adv.device)
     with torch.no_grad():
         torch.ops.tempsoft.pgd_step_(x_adv, grad, x_nat, eps_t, alpha_t, active, code, lower,
@@ -263,6 +268,9 @@ def _draw(fn, shape, dtype, device, generator):
     return fn(shape, generator=generator, dtype=dtype, device=gen_device).to(device)
 
 
+START_MODES = ("uniform", "radial", "boundary")
+
+
 def random_start(
     x_nat: Tensor,
     eps,
@@ -270,14 +278,29 @@ def random_start(
     lower: Number = 0.0,
     upper: Number = 1.0,
     generator: Optional[torch.Generator] = None,
+    mode: str = "uniform",
 ) -> Tensor:
-    """A point drawn uniformly from the eps-ball around each sample, clamped to [lower, upper].
+    """A random point of the eps-ball around each sample, clamped to [lower, upper].
 
-    Linf: each coordinate uniform in [-eps, eps). L2: uniform in the n-ball (n = elements per
-    sample): an isotropic direction (a normalized Gaussian) times the radius eps * U^(1/n),
-    whose law P(r <= t eps) = t^n is that of the uniform ball (a radius eps * U, common in
-    attack code, crowds points near the centre). Clamping to the box happens last, so points
-    near the edges of the box pile up on its faces.
+    Modes (n = elements per sample):
+
+    ========== ================================== ===========================================
+    mode       Linf                               L2
+    ========== ================================== ===========================================
+    "uniform"  each coordinate uniform in         uniform in the n-ball: an isotropic direction
+               [-eps, eps) (Madry et al.;         times the radius eps * U^(1/n) (the law of
+               torchattacks)                      the uniform ball, P(r <= t eps) = t^n)
+    "radial"   as "uniform"                       the direction times eps * U (torchattacks'
+                                                  PGDL2): crowds points near the centre
+    "boundary" a uniform draw rescaled so its     on the sphere of radius eps (AutoAttack's
+               largest coordinate is eps          APGD)
+               (AutoAttack's APGD)
+    ========== ================================== ===========================================
+
+    In high dimension the uniform ball puts almost every point near radius eps, while
+    "radial" starts at eps/2 on average: with few steps the two give different robust
+    accuracies, so the mode is part of an attack's definition. Clamping to the box happens
+    last, so points near the edges of the box pile up on its faces.
 
     Args:
         x_nat: (B, ...) the natural batch (not modified).
@@ -285,6 +308,7 @@ def random_start(
         norm: "linf" or "l2".
         lower, upper: the image box.
         generator: a torch.Generator for reproducible draws (its device may differ from x_nat's).
+        mode: "uniform" (default), "radial" or "boundary".
 
     Returns:
         a new tensor shaped like x_nat.
@@ -298,6 +322,8 @@ def random_start(
         True
     """
     code = norm_code(norm)
+    if mode not in START_MODES:
+        raise ValueError(f"mode must be one of {START_MODES}, got {mode!r}")
     if not isinstance(x_nat, Tensor) or not x_nat.is_floating_point():
         got = x_nat.dtype if isinstance(x_nat, Tensor) else type(x_nat).__name__
         raise TypeError(f"x_nat must be a floating-point tensor, got {got}")
@@ -310,17 +336,22 @@ def random_start(
     dtype, device = x_nat.dtype, x_nat.device
     if code == 0:
         u = _draw(torch.rand, x_nat.shape, dtype, device, generator) * 2 - 1
+        if mode == "boundary":
+            top = u.reshape(batch, -1).abs().amax(dim=1).reshape(bshape) if batch else u
+            u = torch.where(top > 0, u / top, torch.zeros_like(u))
         x = x_nat + u * eps_t
     else:
         n = x_nat[0].numel() if batch else 0
         z = _draw(torch.randn, x_nat.shape, dtype, device, generator)
         z_norm = z.reshape(batch, -1).to(torch.float64).norm(dim=1)
-        u = _draw(torch.rand, (batch,), torch.float64, device, generator)
-        radius = eps_t.reshape(batch).to(torch.float64) * u.pow(1.0 / max(n, 1))
+        radius = eps_t.reshape(batch).to(torch.float64)
+        if mode != "boundary":
+            u = _draw(torch.rand, (batch,), torch.float64, device, generator)
+            radius = radius * (u if mode == "radial" else u.pow(1.0 / max(n, 1)))
         # A Gaussian draw of exactly zero has probability zero; guard the division anyway.
         coef = torch.where(z_norm > 0, radius / z_norm, torch.zeros_like(z_norm))
         x = x_nat + z * coef.to(dtype).reshape(bshape)
     return x.clamp_(lower, upper)
 
 
-__all__ = ["pgd_step_", "random_start", "NORMS"]
+__all__ = ["pgd_step_", "random_start", "NORMS", "START_MODES"]
