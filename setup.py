@@ -51,6 +51,7 @@ INSTALL_REQUIRES = [
     "scikit-learn",
     "pillow",
     "tomli; python_version<'3.11'",
+    "pyautoattack>=0.2",   # the reference AutoAttack and Square Attack in the audit
 ]
 EXTRAS_REQUIRE = {
     "triton": ["triton>=3.0"],

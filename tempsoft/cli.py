@@ -154,8 +154,12 @@ def _add_eval_settings(p) -> None:
                    help="attack / audit this many test examples (default: all, audit 1000)")
     p.add_argument("--apgd-steps", type=int, default=d.audit_apgd_steps,
                    help="APGD-DLR iterations in the audit")
-    p.add_argument("--no-autoattack", action="store_true",
-                   help="leave AutoAttack out of the audit (it takes minutes on a CPU)")
+    p.add_argument("--autoattack", choices=("standard", "custom", "off"),
+                   default=d.audit_autoattack,
+                   help="the reference AutoAttack in the audit: standard (default), custom "
+                   "(APGD-CE + APGD-T, quicker on a CPU) or off")
+    p.add_argument("--square-queries", type=int, default=d.audit_square_queries,
+                   help="queries of the audit's Square Attack (0: off)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--device", default="auto")
     p.add_argument("--data-root", default=None)
@@ -201,7 +205,8 @@ def _settings_from(args):
                   pgd_restarts=args.restarts, pgd_T=args.pgd_T, batch_size=args.batch_size,
                   device=args.device, released_c_root=args.released_c_root,
                   cifar101_root=args.cifar101_root, seed=args.seed, audit_steps=args.steps,
-                  audit_apgd_steps=args.apgd_steps, audit_autoattack=not args.no_autoattack)
+                  audit_apgd_steps=args.apgd_steps, audit_autoattack=args.autoattack,
+                  audit_square_queries=args.square_queries)
     if args.examples is not None:
         fields.update(pgd_examples=args.examples, audit_examples=args.examples)
     return EvalSettings(**fields).validate()
@@ -228,7 +233,7 @@ def _cmd_eval(args) -> int:
     model, meta, test_set, train_set, train_T = _load_for_eval(args)
     T = args.T if args.T is not None else train_T
     metrics = evaluate(model, test_set, args.evals, T=T, train_T=train_T, train_set=train_set,
-                       settings=_settings_from(args))
+                       settings=_settings_from(args), log=print)
     _print_metrics(metrics, f"{meta['trajectory']['model']} trained at T={train_T:g} on "
                    f"{test_set.name}")
     _maybe_write_json(args.json, metrics)
@@ -246,7 +251,7 @@ def _cmd_attack(args) -> int:
     evals = ["clean", f"pgd_{args.norm}"] + (["audit"] if args.audit else [])
     T = args.T if args.T is not None else train_T
     metrics = evaluate(model, test_set, evals, T=T, train_T=train_T, train_set=train_set,
-                       settings=_settings_from(args))
+                       settings=_settings_from(args), log=print)
     _print_metrics(metrics, f"PGD-{args.norm} on {meta['trajectory']['model']} trained at "
                    f"T={train_T:g}")
     _maybe_write_json(args.json, metrics)

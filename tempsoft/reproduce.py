@@ -69,6 +69,9 @@ TRAIN_COLUMNS = ["epochs", "optimizer", "lr", "lr_scaling", "effective_lr", "fin
                  "grad_logits_norm_ep1", "grad_features_norm_ep1", "wrong_class_entropy_ep1",
                  "wrong_class_entropy_norm_ep1", "grad_logits_norm", "grad_features_norm",
                  "wrong_class_entropy", "wrong_class_entropy_norm", "logit_std"]
+AUDIT_COLUMNS = ["audit_worst_acc", "audit_masking", "audit_failed_checks", "audit_verdict",
+                 "audit_robust", "audit_dead_gradients", "audit_checks", "audit_not_run",
+                 "audit_autoattack_flags", "audit_seconds"]
 HEALTH_COLUMNS = ["num_classes", "clean_acc", "train_acc", "train_loss_T", "ln_C", "loss_ratio",
                   "effective_classes", "top_class_share", "trained", "near_chance", "collapsed",
                   "healthy", "health", "per_class_acc", "pred_hist"]
@@ -597,8 +600,7 @@ def result_columns(preset: Preset) -> list[str]:
         if f"pgd_{norm}" in evals:
             cols.append(f"pgd_{norm}_acc")
     if "audit" in evals:
-        cols += ["audit_worst_acc", "audit_masking", "audit_zero_grad_fraction",
-                 "audit_verdict", "audit_robust"]
+        cols += AUDIT_COLUMNS
     return cols
 
 
@@ -763,7 +765,7 @@ def _run_cells(preset, todo, run_dir, data, csv_path, columns, progress, device,
                log) -> None:
     for i, cell in enumerate(todo, 1):
         cell_started = time.perf_counter()
-        row = _run_cell(preset, cell, run_dir, data, progress, device, dist_info)
+        row = _run_cell(preset, cell, run_dir, data, progress, device, dist_info, log)
         if dist_info.is_main:
             _append_row(csv_path, columns, row)
             _finish_cell(preset, cell, run_dir)
@@ -804,7 +806,7 @@ class _DataCache:
 
 
 def _run_cell(preset: Preset, cell: Cell, run_dir: Path, data: _DataCache, progress: bool,
-              device: Optional[str], dist_info) -> dict[str, Any]:
+              device: Optional[str], dist_info, log) -> dict[str, Any]:
     ckpt_dir = run_dir / "checkpoints" / cell.slug
     config = train_config(preset, cell, str(ckpt_dir), progress=progress, device=device)
     train_set, test_set, cache = data.get(cell.dataset, config)
@@ -814,7 +816,7 @@ def _run_cell(preset: Preset, cell: Cell, run_dir: Path, data: _DataCache, progr
     save_model(run_dir / "models" / f"{cell.slug}.pt", result, train_set)
     evals, settings = eval_settings(preset, cell, device=device)
     metrics = evaluate(result.model, test_set, evals, T=cell.T, train_T=cell.T,
-                       train_set=train_set, settings=settings, cache=cache)
+                       train_set=train_set, settings=settings, cache=cache, log=log)
     (run_dir / "cells").mkdir(parents=True, exist_ok=True)
     detail = {"cell": cell.id, "config": dataclasses.asdict(config), "history": result.history,
               "metrics": metrics}

@@ -4,14 +4,17 @@ Two models, trained once per module (a few seconds): an MLP trained with CE at T
 same MLP trained with CE(z / 100) and deployed with its raw logits z (the defensive
 distillation setup), whose CE@T=1 gradients underflow to exactly zero in float32.
 """
+import contextlib
+import importlib
 import importlib.util
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tempsoft.attacks import APGD, FGSM, PGD, audit, checkpoints, get_loss
+from tempsoft.attacks import APGD, APGDT, FGSM, PGD, Square, audit, checkpoints, get_loss
 from tempsoft.attacks.losses import DLR, CrossEntropy, Margin
 
 HIGH_T = 100.0
@@ -195,10 +198,24 @@ def test_apgd_is_at_least_as_strong_as_pgd_with_the_same_loss(model, test_set, l
     assert _acc(model, adv, y) <= _acc(model, pgd, y)
 
 
-def test_apgd_checkpoints_follow_the_paper():
+def _reference_checkpoints(n_iter: int) -> list[int]:
+    """The step-size checks of AutoAttack's autopgd_base.py, simulated line by line."""
+    n_iter_2, n_iter_min = max(int(0.22 * n_iter), 1), max(int(0.06 * n_iter), 1)
+    size_decr = max(int(0.03 * n_iter), 1)
+    k, counter3, out = n_iter_2 + 0, 0, [0]
+    for i in range(n_iter):
+        counter3 += 1
+        if counter3 == k:
+            out.append(i + 1)
+            k = max(k - size_decr, n_iter_min)
+            counter3 = 0
+    return out
+
+
+def test_apgd_checkpoints_follow_the_authors_code():
     assert checkpoints(100) == [0, 22, 41, 57, 70, 80, 87, 93, 99]
-    assert checkpoints(10) == [0, 3, 5, 6, 7, 8, 9, 10]
-    assert checkpoints(1) == [0, 1]
+    for n in range(1, 301):
+        assert checkpoints(n) == _reference_checkpoints(n), n
 
 
 def test_restarts_batched_keep_the_worst_case(model, test_set):
@@ -349,39 +366,304 @@ def test_high_temperature_model_masks_ce_but_not_cw(distilled, test_set):
     assert ce > cw + 0.25, (ce, cw)
 
 
-def test_audit_catches_masking(distilled, test_set):
-    x, y = test_set
-    report = audit(distilled, x, y, eps=0.1, train_T=HIGH_T, steps=20, apgd_steps=50,
-                   autoattack=False)  # AutoAttack has its own test, on fewer images
-    r = report.robust
-    assert set(r) >= {"clean", "ce@T=1", "ce@T=100", "cw", "apgd-dlr"}
-    assert report.zero_grad_fraction > 0.5
-    assert r["ce@T=1"] > r["cw"] + 0.25 and r["ce@T=1"] > r["ce@T=100"] + 0.25
-    assert r["ce@T=1"] > r["apgd-dlr"] + 0.25
-    assert report.masking and "likely gradient masking" in report.verdict
-    assert report.worst_case <= min(r.values())
-    assert report.to_dict()["masking"] is True and "likely gradient masking" in str(report)
+class _Quantized(nn.Module):
+    """Input quantization to 4 levels in front of a model: every input gradient is zero."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, x):
+        return self.base(torch.round(x * 4) / 4)
+
+
+class _GridOnlyGradient(torch.autograd.Function):
+    """Identity; its backward passes the true gradient only for images on the digits' 1/16
+    pixel grid (the clean images) and noise of the same size elsewhere: gradients that help
+    a single step from the clean image but not an iterative attack from a random start."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        on_grid = ((x * 16 - torch.round(x * 16)).abs() < 1e-4).flatten(1).all(dim=1)
+        noise = torch.randn(g.shape, generator=torch.Generator().manual_seed(g.shape[0]))
+        noise = noise * (g.flatten(1).norm(dim=1) / noise.flatten(1).norm(dim=1)).view(
+            -1, 1, 1, 1)
+        return torch.where(on_grid.view(-1, 1, 1, 1), g, noise)
+
+
+class _CleanPointGradients(nn.Module):
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, x):
+        return self.base(_GridOnlyGradient.apply(x))
+
+
+@pytest.fixture(scope="module")
+def quantized(model):
+    return _Quantized(model).eval()
+
+
+def _audit(m, x, y, **kw):
+    kw = {"eps": 0.1, "train_T": 1.0, "steps": 20, "apgd_steps": 50, "autoattack": "off",
+          "square_queries": 1000, **kw}
+    return audit(m, x, y, **kw)
 
 
 def test_audit_passes_a_standard_model(model, test_set):
-    x, y = test_set
-    report = audit(model, x, y, eps=0.1, train_T=1.0, steps=20, apgd_steps=50,
-                   autoattack=False)
+    report = _audit(model, *test_set)
     assert "ce@T=1" in report.robust and len([k for k in report.robust if k.startswith("ce")]) == 1
-    assert report.zero_grad_fraction == 0.0
+    assert all(c.passed for c in report.checks.values()), str(report)
+    assert set(report.dead_gradients) == {"ce@T=1", "cw", "fgsm", "apgd-dlr", "unbounded"}
+    assert max(report.dead_gradients.values()) == 0.0
+    assert report.robust["unbounded"] == 0.0
     assert not report.masking and "no sign of gradient masking" in report.verdict
+    # worst case: over every attack but the unbounded sanity run
+    assert report.worst_case <= min(v for k, v in report.robust.items() if k != "unbounded")
 
 
-def test_audit_runs_autoattack_when_installed(distilled, test_set):
-    if not any(importlib.util.find_spec(m) for m in ("autoattack", "pyautoattack")):
-        pytest.skip("neither autoattack nor pyautoattack is installed")
+def test_audit_catches_a_saturated_softmax(distilled, test_set):
+    """(a), (c) and (e) fire on the high-T model: CE@T=1 gradients underflow to zero."""
+    x, y = test_set
+    report = _audit(distilled, x, y, train_T=HIGH_T)
+    r = report.robust
+    assert set(r) >= {"clean", "ce@T=1", "ce@T=100", "cw", "fgsm", "apgd-dlr", "square",
+                      "unbounded"}
+    assert report.dead_gradients["ce@T=1"] > 0.5 and report.dead_gradients["cw"] == 0.0
+    assert r["ce@T=1"] > r["cw"] + 0.25 and r["ce@T=1"] > r["apgd-dlr"] + 0.25
+    assert report.failed_checks == ["a", "c", "e"], str(report)
+    assert report.masking and "failed (a) dead gradients, (c) unbounded eps, (e) agreement" \
+        in report.verdict
+    assert report.worst_case <= r["apgd-dlr"]
+    assert report.to_dict()["masking"] is True and "FAIL" in str(report)
+
+
+def test_audit_catches_a_model_whose_gradients_are_all_zero(quantized, test_set):
+    """Every gradient attack is blind, so they all agree ((e) passes); the dead gradients,
+    the unbounded run and the gradient-free Square Attack give it away."""
+    report = _audit(quantized, *test_set)
+    assert min(report.dead_gradients.values()) == 1.0
+    assert report.checks["e"].passed
+    assert report.failed_checks == ["a", "c", "d"], str(report)
+    assert report.robust["square"] < report.robust["ce@T=1"] - 0.1
+
+
+def test_audit_catches_a_model_broken_only_by_a_transfer_attack(quantized, model, test_set):
+    """No black-box attack here: the transfer attack from the unquantized surrogate alone
+    breaks what every gradient attack missed."""
+    report = _audit(quantized, *test_set, surrogate=model, square_queries=0)
+    assert "square" not in report.robust and "transfer" in report.robust
+    assert report.checks["d"].passed is False and "transfer breaks" in report.checks["d"].detail
+    assert report.robust["transfer"] < report.robust["ce@T=1"] - 0.1
+
+
+def test_audit_transfer_from_a_good_surrogate_passes_on_a_standard_model(model, test_set):
+    report = _audit(model, *test_set, surrogate=model, square_queries=0)
+    assert report.checks["d"].passed, str(report)
+
+
+def test_audit_catches_fgsm_beating_pgd(model, test_set):
+    """(b): gradients that are useful only at the clean point."""
+    wrapped = _CleanPointGradients(model).eval()
+    report = _audit(wrapped, *test_set, square_queries=0)
+    assert report.robust["fgsm"] < report.robust["ce@T=1"] - 0.1
+    assert report.checks["b"].passed is False and "b" in report.failed_checks
+    assert report.checks["a"].passed  # the gradients are not dead, only useless
+
+
+def test_audit_says_what_did_not_run(model, test_set):
+    x, y = test_set[0][:32], test_set[1][:32]
+    with pytest.warns(UserWarning, match="square did not run"):
+        report = _audit(model, x - 1.0, y, lower=-1.0, upper=0.0, autoattack="standard")
+    assert set(report.not_run) == {"square", "autoattack"}
+    assert report.checks["d"].passed is None and "not tested: (d)" in report.verdict
+    assert "NOT RUN" in str(report)
+
+
+def test_no_attack_returns_nan_images_from_a_saturated_linear_model(backend_name):
+    """A linear model whose logit gap is ~86 at T=1 and whose weights are small: the CE@T=1
+    input gradients are fp32 denormals, so alpha / ||g|| overflows. L2 steps must stay
+    finite (no inf * 0 = NaN), and since no perturbation of this size can move a logit by
+    more than ~1e-3, the model is provably robust: robust accuracy must equal 1."""
+    x = torch.rand(24, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(24, dtype=torch.int64)
+    # Elementwise (a diagonal linear map plus a bias): a matrix product's backward may
+    # flush denormals to zero, which would hide the case.
+    bias = torch.zeros(10)
+    bias[0] = 86.0
+    linear = _Elementwise(1e-4, bias)
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(linear(xr), y, reduction="sum"), xr)
+    norms = grad.double().flatten(1).norm(dim=1)  # in fp32 the squares underflow to 0
+    assert (norms > 0).all() and 0.1 / norms.max() > torch.finfo(torch.float32).max
+    for attack in (PGD(linear, eps=0.5, alpha=0.1, steps=5, norm="l2", generator=_gen(0),
+                       backend=backend_name),
+                   APGD(linear, eps=0.5, steps=5, norm="l2", generator=_gen(0),
+                        backend=backend_name),
+                   APGD(linear, eps=8 / 255, steps=5, generator=_gen(0), backend=backend_name)):
+        adv = attack(x, y)
+        assert torch.isfinite(adv).all()
+        assert _acc(linear, adv, y) == 1.0
+
+
+class _Elementwise(nn.Module):
+    """logits = scale * (the first 10 pixels) + bias."""
+
+    def __init__(self, scale: float, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.scale = scale
+        self.register_buffer("bias", bias)
+
+    def forward(self, x):
+        return self.scale * x.flatten(1)[:, :10] + self.bias
+
+
+@pytest.fixture(params=["torch", "cpu", "triton"])
+def backend_name(request):
+    from tempsoft._dispatch import backends
+
+    ok, why = backends()[request.param]
+    if not ok:
+        pytest.skip(f"backend {request.param!r} unavailable: {why}")
+    return request.param
+
+
+def test_an_attack_that_returns_nan_raises(model, test_set):
+    class Broken(PGD):
+        def _run(self, geo, labels):
+            out = geo.x_nat.clone()
+            out[1] = float("nan")
+            return out
+
+    x, y = test_set[0][:4], test_set[1][:4]
+    with pytest.raises(RuntimeError, match=r"non-finite adversarial image\(s\) of 4 .*index 1"):
+        Broken(model, steps=1)(x, y)
+
+
+def test_a_plain_function_as_model_warns_and_as_is_does_not(model, test_set):
+    x, y = test_set[0][:8], test_set[1][:8]
+    with pytest.warns(UserWarning, match="not an nn.Module, so it cannot be put in eval mode"):
+        PGD(lambda z: model(z), steps=1)(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PGD(lambda z: model(z), steps=1, model_mode="as-is")(x, y)
+
+
+def test_train_model_mode_runs_in_train_mode(model, test_set):
+    x, y = test_set[0][:8], test_set[1][:8]
+    wrapped, rec = _recording_model(model)
+    wrapped.eval()
+    PGD(wrapped, steps=2, model_mode="train")(x, y)
+    assert rec.seen and all(rec.seen)
+    assert not wrapped.training
+    with pytest.raises(ValueError, match="model_mode must be one of"):
+        PGD(model, model_mode="inference")
+
+
+def test_gradient_stats_count_only_points_not_yet_adversarial(distilled, model, test_set):
+    x, y = test_set
+    attack = PGD(distilled, eps=0.1, alpha=0.0125, steps=5, generator=_gen(0))
+    attack(x, y)
+    assert attack.gradient_stats.dead_fraction > 0.5
+    attack.gradient_stats.reset()
+    assert attack.gradient_stats.evaluations == 0
+    healthy = PGD(model, eps=0.3, alpha=0.05, steps=10, generator=_gen(0))
+    healthy(x, y)
+    # most points are broken early: later evaluations there do not count
+    assert healthy.gradient_stats.evaluations < 10 * len(y) * 0.6
+    assert healthy.gradient_stats.dead_fraction == 0.0
+
+
+# --------------------------------------------------------------------------------------
+# The reference implementation (AutoAttack) in the loop
+# --------------------------------------------------------------------------------------
+needs_autoattack = pytest.mark.skipif(
+    not any(importlib.util.find_spec(m) for m in ("pyautoattack", "autoattack")),
+    reason="AutoAttack (pip install pyautoattack) is not installed")
+
+
+def _reference_module():
+    from tempsoft.attacks.autoattack import load_module
+
+    return importlib.import_module(load_module().__name__ + ".autopgd_base")
+
+
+@needs_autoattack
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
+@pytest.mark.parametrize("loss", ["ce", "dlr"])
+def test_apgd_matches_the_reference_within_seed_noise(model, test_set, norm, eps, loss):
+    x, y = test_set
+    ref_mod = _reference_module()
+    ours, ref = [], []
+    for seed in range(3):
+        ours.append(_acc(model, APGD(model, eps=eps, norm=norm, steps=100, loss=loss,
+                                     generator=_gen(seed))(x, y), y))
+        attack = ref_mod.APGDAttack(model, n_iter=100, norm={"linf": "Linf", "l2": "L2"}[norm],
+                                    eps=eps, seed=seed, loss=loss, device="cpu")
+        with torch.random.fork_rng(), _quiet():
+            ref.append(_acc(model, attack.perturb(x, y), y))
+    assert 0.1 < sum(ref) / 3 < 0.9  # informative: not all-or-nothing
+    assert abs(sum(ours) / 3 - sum(ref) / 3) <= 0.015, (ours, ref)
+
+
+@needs_autoattack
+def test_apgd_t_matches_the_reference(model, test_set):
+    x, y = test_set
+    ref_mod = _reference_module()
+    ours = _acc(model, APGDT(model, eps=0.1, steps=100, generator=_gen(0))(x, y), y)
+    attack = ref_mod.APGDAttack_targeted(model, n_iter=100, norm="Linf", eps=0.1, seed=0,
+                                         device="cpu", n_target_classes=9)
+    with torch.random.fork_rng(), _quiet():
+        ref = _acc(model, attack.perturb(x, y), y)
+    assert abs(ours - ref) <= 0.015, (ours, ref)
+    # APGD-T is at least as strong as APGD-DLR, as in AutoAttack
+    assert ours <= _acc(model, APGD(model, eps=0.1, loss="dlr", generator=_gen(0))(x, y), y)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The reference code warns about zero gradients on its own; not what these tests test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@needs_autoattack
+def test_audit_runs_standard_autoattack_by_default(distilled, test_set):
     x, y = test_set[0][:64], test_set[1][:64]
-    report = audit(distilled, x, y, eps=0.1, train_T=HIGH_T, steps=10, apgd_steps=20)
+    state = torch.get_rng_state()
+    report = audit(distilled, x, y, eps=0.1, train_T=HIGH_T, steps=10, apgd_steps=20,
+                   square_queries=0)
+    assert torch.equal(torch.get_rng_state(), state)  # AutoAttack reseeds only its own copy
+    assert report.autoattack["version"] == "standard"
+    assert report.autoattack["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert report.robust["autoattack"] < report.robust["ce@T=1"] - 0.2
-    assert report.masking
-    without = audit(distilled, x, y, eps=0.1, train_T=HIGH_T, steps=10, apgd_steps=20,
-                    autoattack=False)
-    assert "autoattack" not in without.robust
+    assert set(report.autoattack["robust_after"]) >= {"apgd-ce"}
+    assert report.masking and not report.not_run
+
+
+@needs_autoattack
+def test_autoattack_flags_are_recorded(quantized, test_set):
+    x, y = test_set[0][:32], test_set[1][:32]
+    report = _audit(quantized, x, y, autoattack="custom", square_queries=0)
+    assert report.autoattack["attacks"] == ["apgd-ce", "apgd-t"]
+    assert any("zero gradient" in f for f in report.autoattack["flags"])
+    assert "AutoAttack's own flags" in str(report)
+
+
+@needs_autoattack
+def test_square_attack_is_gradient_free(quantized, test_set):
+    x, y = test_set
+    adv = Square(quantized, eps=0.1, queries=500)(x, y)
+    assert (adv - x).abs().amax() <= 0.1 + 1e-6 and torch.isfinite(adv).all()
+    assert _acc(quantized, adv, y) < _acc(quantized, x, y) - 0.1
 
 
 # --------------------------------------------------------------------------------------
@@ -438,7 +720,9 @@ def test_custom_loss_callable(model, test_set):
 # --------------------------------------------------------------------------------------
 BAD_CONSTRUCT = [
     (dict(eps=-0.1), ValueError, r"eps must be >= 0, got -0\.1"),
-    (dict(alpha=-1.0), ValueError, "alpha must be >= 0, got -1.0"),
+    (dict(alpha=-1.0), ValueError, "alpha must be >= 0 and finite, got -1.0"),
+    (dict(alpha=float("inf")), ValueError, "alpha must be >= 0 and finite, got inf"),
+    (dict(start="sphere"), ValueError, "start must be one of"),
     (dict(steps=0), ValueError, "steps must be an integer >= 1, got 0"),
     (dict(restarts=1.5), ValueError, "restarts must be an integer >= 1, got 1.5"),
     (dict(norm="l1"), ValueError, "norm must be one of"),
@@ -490,12 +774,16 @@ def test_bad_audit_inputs(model, test_set):
         audit(model, x, y, train_T=0)
     with pytest.raises(ValueError, match="non-empty batch"):
         audit(model, x[:0], y[:0])
+    with pytest.raises(ValueError, match="autoattack must be one of"):
+        audit(model, x, y, autoattack=True)
+    with pytest.raises(ValueError, match="square_queries must be an int >= 0"):
+        audit(model, x, y, square_queries=-1)
 
 
 # --------------------------------------------------------------------------------------
 # Docstring examples
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["pgd", "fgsm", "apgd", "audit", "losses"])
+@pytest.mark.parametrize("name", ["pgd", "fgsm", "apgd", "audit", "losses", "autoattack"])
 def test_docstring_examples_run(name):
     import doctest
     import sys

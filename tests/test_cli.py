@@ -52,10 +52,13 @@ def test_eval_reports_metrics_and_health(trained, tmp_path, capsys):
 def test_attack_with_audit(trained, capsys):
     code = main(["attack", str(trained / "model.pt"), "--norm", "l2", "--eps", "0.5",
                  "--alpha", "0.1", "--steps", "2", "--examples", "24", "--audit",
-                 "--apgd-steps", "3", "--no-autoattack", "--device", "cpu"])
+                 "--apgd-steps", "3", "--autoattack", "custom", "--square-queries", "20",
+                 "--device", "cpu"])
     assert code == 0
     text = capsys.readouterr().out
     assert "pgd_l2_acc" in text and "audit_verdict" in text
+    assert "[audit] autoattack (custom: apgd-ce, apgd-t)" in text and "[audit] square" in text
+    assert "[eval] audit verdict:" in text
 
 
 @pytest.mark.parametrize("argv, text", [

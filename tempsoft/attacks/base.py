@@ -8,33 +8,80 @@ attack's loop. Normalization belongs inside the model: images live in
 [lower, upper] (default [0, 1]).
 """
 import contextlib
+import math
 import numbers
+import warnings
 from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
-from tempsoft.ops.pgd import check_bounds, norm_code, per_sample, resolve_backend
+from tempsoft.ops.pgd import START_MODES, check_bounds, norm_code, per_sample, resolve_backend
 from tempsoft.attacks.steps import Geometry, frozen_parameters, succeeded
 
 
+MODEL_MODES = ("eval", "train", "as-is")
+
+
 @contextlib.contextmanager
-def eval_mode(model) -> Iterator[None]:
-    """Every submodule in eval mode inside the block; each one's own mode restored after.
+def model_mode(model, mode: str = "eval") -> Iterator[None]:
+    """Every submodule in ``mode`` ("eval" or "train") inside the block, each one's own mode
+    restored after; "as-is" leaves the model alone.
 
     Restoring per submodule (not ``model.train(was)``) keeps mixed states intact, such as a
-    model in train mode with frozen batch-norm layers.
+    model in train mode with frozen batch-norm layers. A callable that is not an
+    ``nn.Module`` has no mode to set: under "eval" or "train" it gets a warning, because a
+    network it wraps may sit in train mode, where batch norm uses (and updates) the
+    statistics of each attack batch and dropout draws new masks, so robust accuracy would
+    change with the batch and with how restarts are batched.
     """
+    if mode not in MODEL_MODES:
+        raise ValueError(f"model_mode must be one of {MODEL_MODES}, got {mode!r}")
+    if mode == "as-is":
+        yield
+        return
     if not isinstance(model, nn.Module):
+        warnings.warn(
+            f"the attacked model is a {type(model).__name__}, not an nn.Module, so it cannot be "
+            f"put in {mode} mode; if it wraps a network with batch norm or dropout, put that "
+            "network in the mode you want yourself and pass model_mode='as-is' (or pass the "
+            "nn.Module itself)", UserWarning, stacklevel=4)
         yield
         return
     modes = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
+        model.train(mode == "train")
         yield
     finally:
         for m, was_training in modes:
             m.training = was_training
+
+
+def eval_mode(model) -> contextlib.AbstractContextManager:
+    """Every submodule in eval mode inside the block; each one's own mode restored after."""
+    return model_mode(model, "eval")
+
+
+def check_finite_output(adv: Tensor, who: str) -> Tensor:
+    """RuntimeError unless every adversarial image is finite.
+
+    A NaN image is classified as some class other than its label (argmax of NaN logits), so
+    it would count as a successful attack and lower robust accuracy for no reason: it is a
+    bug to report, never a result.
+    """
+    bad = ~torch.isfinite(adv.reshape(adv.shape[0], -1)).all(dim=1)
+    if bool(bad.any()):
+        raise RuntimeError(
+            f"{who} produced {int(bad.sum())} non-finite adversarial image(s) of "
+            f"{adv.shape[0]} (first at index {int(bad.nonzero()[0])}); this is a bug in the "
+            "attack, not a success: please report it with the model and inputs")
+    return adv
+
+
+def check_start(start: str) -> str:
+    if start not in START_MODES:
+        raise ValueError(f"start must be one of {START_MODES}, got {start!r}")
+    return start
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
@@ -43,14 +90,15 @@ def check_positive_int(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
-def check_radius(name: str, value):
-    """eps or a step size: a number >= 0, or a tensor (checked per call against the batch)."""
+def check_radius(name: str, value, finite: bool = False):
+    """eps or a step size: a number >= 0 (finite if `finite`), or a tensor (checked per call
+    against the batch)."""
     if isinstance(value, Tensor):
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
-    if not value >= 0:  # also rejects NaN
-        raise ValueError(f"{name} must be >= 0, got {value}")
+    if not value >= 0 or (finite and math.isinf(value)):  # also rejects NaN
+        raise ValueError(f"{name} must be >= 0{' and finite' if finite else ''}, got {value}")
     return float(value)
 
 
@@ -66,11 +114,19 @@ class Attack:
         generator: torch.Generator for the random starts (reproducible; the global RNG is
             never touched). Its device may differ from the images'.
         backend: backend of the fused step ("auto", "cpu", "cuda", "triton", "torch").
+        model_mode: "eval" (default: every submodule in eval mode during the attack, each
+            one's mode restored after), "train" (batch norm on the attack batch's statistics,
+            as in Madry et al.'s adversarial training), or "as-is" (the caller's choice).
+            A model that is not an ``nn.Module`` cannot be switched: "eval" and "train" then
+            warn.
     """
 
     def __init__(self, model, eps=8 / 255, norm: str = "linf", targeted: bool = False,
                  lower: float = 0.0, upper: float = 1.0,
-                 generator: Optional[torch.Generator] = None, backend: str = "auto") -> None:
+                 generator: Optional[torch.Generator] = None, backend: str = "auto",
+                 model_mode: str = "eval") -> None:
+        if model_mode not in MODEL_MODES:
+            raise ValueError(f"model_mode must be one of {MODEL_MODES}, got {model_mode!r}")
         if not callable(model):
             raise TypeError(f"model must be callable (an nn.Module), got {type(model).__name__}")
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -83,6 +139,7 @@ class Attack:
         self.lower, self.upper = check_bounds(lower, upper)
         self.generator = generator
         self.backend = backend
+        self.model_mode = model_mode
 
     # -- the call ----------------------------------------------------------------------
     def __call__(self, images: Tensor, labels: Tensor) -> Tensor:
@@ -90,15 +147,18 @@ class Attack:
 
         Returns:
             a new tensor shaped like ``images``, within the eps-ball and [lower, upper].
+
+        Raises:
+            RuntimeError: the attack produced a non-finite image (a bug, never a success).
         """
         self._check_inputs(images, labels)
         if images.shape[0] == 0:
             return images.detach().clone()
         labels = labels.long()  # gather() in the margin losses takes int64 indices
-        with eval_mode(self.model), frozen_parameters(self.model):
+        with model_mode(self.model, self.model_mode), frozen_parameters(self.model):
             self._check_labels_against_model(images, labels)
             adv = self._run(self._geometry(images.detach()), labels)
-        return adv.detach()
+        return check_finite_output(adv.detach(), type(self).__name__)
 
     def _run(self, geo: Geometry, labels: Tensor) -> Tensor:
         """The attack's loop, on the checked batch; the model is in eval mode."""

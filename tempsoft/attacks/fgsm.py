@@ -26,6 +26,7 @@ class FGSM(PGD):
         targeted: labels are targets to reach (default False).
         lower, upper: image box (default [0, 1]).
         backend: backend of the fused step.
+        model_mode: "eval" (default), "train" or "as-is": see :class:`Attack`.
 
     Shape:
         images (B, ...) float32/float64 in [lower, upper]; labels (B,) int; returns (B, ...).
@@ -42,10 +43,11 @@ class FGSM(PGD):
     def __init__(self, model, eps=8 / 255, norm: str = "linf", loss: LossSpec = "ce",
                  T: float = 1.0, targeted: bool = False, lower: float = 0.0,
                  upper: float = 1.0, backend: str = "auto",
-                 generator: Optional[torch.Generator] = None) -> None:
+                 generator: Optional[torch.Generator] = None, model_mode: str = "eval") -> None:
         super().__init__(model, eps=eps, alpha=eps, steps=1, norm=norm, loss=loss, T=T,
                          random_start=False, restarts=1, targeted=targeted, lower=lower,
-                         upper=upper, generator=generator, backend=backend)
+                         upper=upper, generator=generator, backend=backend,
+                         model_mode=model_mode)
 
     def _repr_fields(self) -> dict:
         return {"eps": self.eps, "norm": self.norm, "loss": self.loss_fn,

@@ -98,6 +98,30 @@ class DLR:
         return -gap / (z_sorted[:, 0] - z_sorted[:, 2] + _DLR_EPS)
 
 
+class TargetedDLR:
+    """The targeted DLR loss of APGD-T (Croce & Hein 2020, Eq. 6), for fixed target classes:
+
+        -(z_y - z_t) / (z_(1) - (z_(3) + z_(4)) / 2)
+
+    with y the true class and t the target, as in AutoAttack (whose APGD-T counts any
+    misclassification as a success). Call it with the true labels; ``targets`` holds one
+    target class per sample.
+    """
+
+    def __init__(self, targets: Tensor) -> None:
+        self.targets = targets
+
+    def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if logits.shape[1] < 4:
+            raise ValueError(f"targeted DLR needs at least 4 classes, got {logits.shape[1]}")
+        z_sorted = logits.sort(dim=1, descending=True).values
+        scale = z_sorted[:, 0] - 0.5 * (z_sorted[:, 2] + z_sorted[:, 3])
+        return -(_at(logits, labels) - _at(logits, self.targets)) / (scale + _DLR_EPS)
+
+    def __repr__(self) -> str:
+        return "TargetedDLR()"
+
+
 LossSpec = Union[str, Callable[[Tensor, Tensor], Tensor]]
 
 
@@ -121,4 +145,4 @@ def get_loss(spec: LossSpec, T: float = 1.0, targeted: bool = False):
     return DLR(targeted=targeted)
 
 
-__all__ = ["LOSSES", "CrossEntropy", "Margin", "DLR", "get_loss"]
+__all__ = ["LOSSES", "CrossEntropy", "Margin", "DLR", "TargetedDLR", "get_loss"]

@@ -28,6 +28,11 @@ class Geometry:
         self.x_nat, self.eps, self.norm, self.code = x_nat, eps, norm, code
         self.lower, self.upper, self.backend = lower, upper, backend
 
+    def select(self, index: Tensor) -> "Geometry":
+        """The threat model of the samples ``index`` only."""
+        return Geometry(self.x_nat[index], self.eps[index], self.norm, self.code, self.lower,
+                        self.upper, self.backend)
+
     def repeat(self, times: int) -> "Geometry":
         """The same threat model for `times` stacked copies of the batch (batched restarts)."""
         if times == 1:
@@ -60,11 +65,14 @@ def project(x: Tensor, geo: Geometry) -> Tensor:
     return project_(x.clone(), geo)
 
 
-def start_point(geo: Geometry, random: bool, generator: Optional[torch.Generator]) -> Tensor:
-    """x_nat itself, or a point drawn uniformly from the ball (then clamped to the box)."""
+def start_point(geo: Geometry, random: bool, generator: Optional[torch.Generator],
+                start: str = "uniform") -> Tensor:
+    """x_nat itself, or a random point of the ball drawn as ``start`` says (see
+    :func:`tempsoft.ops.pgd.random_start`), then clamped to the box."""
     if not random:
         return geo.x_nat.clone()
-    return random_start(geo.x_nat, geo.eps, geo.norm, geo.lower, geo.upper, generator)
+    return random_start(geo.x_nat, geo.eps, geo.norm, geo.lower, geo.upper, generator,
+                        mode=start)
 
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -93,12 +101,54 @@ def frozen_parameters(model) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def loss_and_grad(model, loss_fn: LossFn, x: Tensor, labels: Tensor
-                  ) -> tuple[Tensor, Tensor, Tensor]:
+class GradientStats:
+    """How many of an attack's input gradients carried no direction: all zero, or not finite.
+
+    A sign or L2-normalised step from such a gradient does not move the image, so an attack
+    whose gradients are dead reports robustness it never tested (gradient masking: a
+    saturated softmax, input quantization, a non-differentiable layer). Only gradients at
+    points the attack has not yet broken count: a dead gradient at an adversarial point
+    (say, where every ReLU of a layer is off) hides nothing. Counts accumulate on the device
+    across calls (no host sync per step) until :meth:`reset`.
+    """
+
+    def __init__(self, targeted: bool = False) -> None:
+        self.targeted = targeted
+        self.reset()
+
+    def reset(self) -> None:
+        self._dead: Optional[Tensor] = None
+        self._pending: Optional[Tensor] = None
+
+    def record(self, grad: Tensor, logits: Tensor, labels: Tensor) -> None:
+        flat = grad.reshape(grad.shape[0], -1)
+        dead = ~(flat != 0).any(dim=1) | ~torch.isfinite(flat).all(dim=1)
+        pending = ~succeeded(logits, labels, self.targeted)
+        n_dead, n_pending = (dead & pending).sum(), pending.sum()
+        self._dead = n_dead if self._dead is None else self._dead + n_dead
+        self._pending = n_pending if self._pending is None else self._pending + n_pending
+
+    @property
+    def evaluations(self) -> int:
+        """Per-image gradient evaluations recorded at points not yet adversarial."""
+        return 0 if self._pending is None else int(self._pending)
+
+    @property
+    def dead_fraction(self) -> float:
+        """Fraction of those evaluations whose gradient was all zero or not finite (0 when
+        there were none: every point was adversarial from the start)."""
+        if not self.evaluations:
+            return 0.0
+        return int(self._dead) / self.evaluations
+
+
+def loss_and_grad(model, loss_fn: LossFn, x: Tensor, labels: Tensor,
+                  stats: Optional[GradientStats] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(per-sample loss (B,), d sum(loss) / dx, logits), all detached.
 
     torch.autograd.grad with the input as its only target: parameter gradients are neither
     computed nor accumulated into ``.grad``, and the attack works under ``torch.no_grad()``.
+    ``stats``, when given, records whether each image's gradient carried a direction.
     """
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
@@ -110,6 +160,8 @@ def loss_and_grad(model, loss_fn: LossFn, x: Tensor, labels: Tensor
                 f"got {tuple(loss.shape)}"
             )
         (grad,) = torch.autograd.grad(loss.sum(), x)
+    if stats is not None:
+        stats.record(grad, logits.detach(), labels)
     return loss.detach(), grad, logits.detach()
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -54,8 +55,9 @@ class EvalSettings:
         pgd_examples: evaluate PGD on this many test examples (a fixed seeded subset).
         audit_steps, audit_examples: the gradient-masking audit's PGD iterations and subset.
         audit_apgd_steps: its APGD-DLR iterations (100, Croce & Hein 2020).
-        audit_autoattack: add standard AutoAttack to the audit when the ``autoattack``
-            package is installed (minutes per model; the CPU demo turns it off).
+        audit_autoattack: the reference AutoAttack in the audit: "standard" (APGD-CE,
+            APGD-T, FAB-T, Square), "custom" (APGD-CE and APGD-T: the CPU demo) or "off".
+        audit_square_queries: queries of the audit's Square Attack (gradient-free; 0: off).
         corruptions: names from CORRUPTIONS (None: all 15). severities: 1-5.
         corruption_examples: subset size for each corrupted copy (None: the whole test set).
         perturbations: names from PERTURBATIONS (None: all). perturbation_examples and
@@ -80,7 +82,8 @@ class EvalSettings:
     audit_steps: int = 20
     audit_examples: Optional[int] = 1000
     audit_apgd_steps: int = 100
-    audit_autoattack: bool = True
+    audit_autoattack: str = "standard"
+    audit_square_queries: int = 5000
     corruptions: Optional[list[str]] = None
     severities: tuple[int, ...] = (1, 2, 3, 4, 5)
     corruption_examples: Optional[int] = None
@@ -104,6 +107,15 @@ class EvalSettings:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                     not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+        from tempsoft.attacks.audit import AUTOATTACK_MODES
+
+        if self.audit_autoattack not in AUTOATTACK_MODES:
+            raise ValueError(f"audit_autoattack must be one of {AUTOATTACK_MODES}, got "
+                             f"{self.audit_autoattack!r}")
+        if isinstance(self.audit_square_queries, bool) or \
+                not isinstance(self.audit_square_queries, int) or self.audit_square_queries < 0:
+            raise ValueError(f"audit_square_queries must be an int >= 0, got "
+                             f"{self.audit_square_queries!r}")
         if self.pgd_T is not None and not (isinstance(self.pgd_T, (int, float))
                                            and math.isfinite(self.pgd_T) and self.pgd_T > 0):
             raise ValueError(f"pgd_T must be positive and finite or None, got {self.pgd_T!r}")
@@ -403,7 +415,7 @@ def _eval_pgd(model, test_set, norm: str, T: float, s: EvalSettings, device) -> 
     return {f"pgd_{norm}_acc": acc}
 
 
-def _eval_audit(model, test_set, train_T: float, s: EvalSettings, device) -> dict:
+def _eval_audit(model, test_set, train_T: float, s: EvalSettings, device, log) -> dict:
     from tempsoft.attacks import audit
 
     idx = _subset(len(test_set.labels), s.audit_examples, s.seed)
@@ -411,13 +423,19 @@ def _eval_audit(model, test_set, train_T: float, s: EvalSettings, device) -> dic
     labels = test_set.labels[idx].to(device)
     report = audit(model, images, labels, eps=s.pgd_linf_eps, train_T=train_T, norm="linf",
                    steps=s.audit_steps, batch_size=s.batch_size, seed=s.seed,
-                   apgd_steps=s.audit_apgd_steps, autoattack=s.audit_autoattack)
+                   apgd_steps=s.audit_apgd_steps, autoattack=s.audit_autoattack,
+                   square_queries=s.audit_square_queries, log=log)
     out = {f"audit/{name}": float(acc) for name, acc in report.robust.items()}
     # Per image: correct under every attack at once (the ensemble's worst case).
     out["audit_worst_acc"] = float(report.worst_case)
-    out["audit_zero_grad_fraction"] = float(report.zero_grad_fraction)
     out["audit_masking"] = bool(report.masking)
+    out["audit_failed_checks"] = ",".join(report.failed_checks)
+    out["audit_checks"] = {k: str(c) for k, c in report.checks.items()}
+    out["audit_dead_gradients"] = dict(report.dead_gradients)
     out["audit_verdict"] = str(report.verdict)
+    out["audit_not_run"] = dict(report.not_run)
+    out["audit_autoattack_flags"] = list(report.autoattack.get("flags", []))
+    out["audit_seconds"] = sum(report.seconds.values())
     return out
 
 
@@ -427,7 +445,7 @@ def _eval_audit(model, test_set, train_T: float, s: EvalSettings, device) -> dic
 def evaluate(model: nn.Module, test_set, evals: Sequence[str] = ("clean",), *,
              T: float = 1.0, train_T: Optional[float] = None, train_set=None,
              settings: Optional[EvalSettings] = None, cache: Optional[EvalCache] = None,
-             **overrides: Any) -> dict[str, Any]:
+             log: Optional[Callable[[str], None]] = None, **overrides: Any) -> dict[str, Any]:
     """Run the requested evaluations; the clean pass and the health report always run.
 
     Args:
@@ -443,12 +461,15 @@ def evaluate(model: nn.Module, test_set, evals: Sequence[str] = ("clean",), *,
             loss; without it ``trained`` is judged on the test accuracy.
         settings: an ``EvalSettings``; ``overrides`` replace its fields.
         cache: an ``EvalCache`` to share corrupted data across calls.
+        log: called with one line per finished evaluation (and per audit attack), with its
+            result and wall time; None: quiet.
 
     Returns:
         A flat dict: clean_acc, ece, corruption_acc and corruption_acc/<name>, released_c_acc,
         flip_prob and flip_prob/<name>, cifar101_acc, pgd_linf_acc, pgd_l2_acc,
-        audit/<attack>, audit_worst_acc, audit_masking, audit_verdict, and the health keys
-        of ``health_report`` (trained, collapsed, near_chance, healthy, health, ...).
+        audit/<attack>, audit_worst_acc, audit_masking, audit_failed_checks, audit_checks,
+        audit_dead_gradients, audit_verdict, audit_not_run, audit_autoattack_flags, and the
+        health keys of ``health_report`` (trained, collapsed, near_chance, healthy, ...).
 
     Example:
         >>> m = evaluate(model, test_set, ["clean", "pgd_linf"], T=1.0, pgd_examples=500)
@@ -475,22 +496,36 @@ def evaluate(model: nn.Module, test_set, evals: Sequence[str] = ("clean",), *,
         train_acc, train_loss = _train_fit(model, train_set, train_T, s, device)
     out.update(health_report(logits, test_set.labels, num_classes, train_acc=train_acc,
                              train_loss=train_loss))
+    say = log or (lambda _msg: None)
+    say(f"[eval] clean: {out['clean_acc']:.2%} ({out['health']})")
+
+    def run(name: str, fn: Callable[[], dict], headline: str) -> None:
+        started = time.perf_counter()
+        result = fn()
+        out.update(result)
+        say(f"[eval] {name}: {result[headline]:.4f} ({time.perf_counter() - started:.1f}s)")
+
     if "ece" in evals:
         from tempsoft.robustness.calibration import expected_calibration_error
 
-        out["ece"] = float(expected_calibration_error(logits / T, test_set.labels,
-                                                      n_bins=s.ece_bins))
+        run("ece", lambda: {"ece": float(expected_calibration_error(
+            logits / T, test_set.labels, n_bins=s.ece_bins))}, "ece")
     if "corruption" in evals:
-        out.update(_eval_corruptions(model, test_set, s, cache, device))
+        run("corruption", lambda: _eval_corruptions(model, test_set, s, cache, device),
+            "corruption_acc")
     if "released_c" in evals:
-        out.update(_eval_released_c(model, s, device))
+        run("released_c", lambda: _eval_released_c(model, s, device), "released_c_acc")
     if "perturbation" in evals:
-        out.update(_eval_perturbations(model, test_set, s, cache, device))
+        run("perturbation", lambda: _eval_perturbations(model, test_set, s, cache, device),
+            "flip_prob")
     if "cifar101" in evals:
-        out.update(_eval_cifar101(model, s, device))
+        run("cifar101", lambda: _eval_cifar101(model, s, device), "cifar101_acc")
     for norm in ("linf", "l2"):
         if f"pgd_{norm}" in evals:
-            out.update(_eval_pgd(model, test_set, norm, T, s, device))
+            run(f"pgd_{norm}", lambda n=norm: _eval_pgd(model, test_set, n, T, s, device),
+                f"pgd_{norm}_acc")
     if "audit" in evals:
-        out.update(_eval_audit(model, test_set, train_T, s, device))
+        run("audit", lambda: _eval_audit(model, test_set, train_T, s, device, log),
+            "audit_worst_acc")
+        say(f"[eval] audit verdict: {out['audit_verdict']}")
     return out
