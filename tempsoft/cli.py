@@ -320,8 +320,11 @@ def _cmd_reproduce(args) -> int:
         for path in write_report(run_dir, preset):
             print(path)
         return 0
+    # Progress bars only on a terminal: in a log file they would be carriage-return noise,
+    # and the runner writes one line per epoch and per evaluation anyway.
     summary = reproduce(preset, out_dir=args.out, run_name=args.run,
-                        progress=not args.no_progress, device=args.device)
+                        progress=not args.no_progress and sys.stdout.isatty(),
+                        device=args.device)
     print(f"[tempsoft] done in {summary.seconds:.1f}s: {summary.cells_run} cells run, "
           f"{summary.cells_skipped} skipped -> {summary.run_dir}/results.md")
     return 0

@@ -805,14 +805,50 @@ class _DataCache:
         return self._sets[name]
 
 
+HISTORY_COLUMNS = ["epoch", "loss", "train_acc", "lr", "seconds", "images_per_s",
+                   "grad_logits_norm", "grad_features_norm", "wrong_class_entropy",
+                   "wrong_class_entropy_norm", "logit_std"]
+
+
+def write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    """A cell's per-epoch records as CSV, rewritten atomically (watch or plot it mid-run)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(HISTORY_COLUMNS)
+        for record in history:
+            writer.writerow([_format_cell(record.get(c)) for c in HISTORY_COLUMNS])
+    os.replace(tmp, path)
+
+
+def _epoch_line(cell: Cell, epochs: int, record: dict[str, Any]) -> str:
+    return (f"[train] {cell.id} epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}, "
+            f"train acc {record['train_acc']:.3f}, lr {record['lr']:.4g}, "
+            f"{record['images_per_s']:.0f} img/s, {record['seconds']:.1f}s")
+
+
 def _run_cell(preset: Preset, cell: Cell, run_dir: Path, data: _DataCache, progress: bool,
               device: Optional[str], dist_info, log) -> dict[str, Any]:
     ckpt_dir = run_dir / "checkpoints" / cell.slug
     config = train_config(preset, cell, str(ckpt_dir), progress=progress, device=device)
     train_set, test_set, cache = data.get(cell.dataset, config)
-    result = train(config, train_set=train_set)
+    history_path = run_dir / "history" / f"{cell.slug}.csv"
+    seen: list[dict[str, Any]] = []
+
+    def on_epoch_end(epoch: int, record: dict[str, Any]) -> None:
+        if not dist_info.is_main:
+            return
+        if not seen and history_path.exists():   # a resumed cell: keep the earlier epochs
+            seen.extend(r for r in read_results(history_path) if r["epoch"] < record["epoch"])
+        seen.append(record)
+        write_history(history_path, seen)
+        log(_epoch_line(cell, config.epochs, record))
+
+    result = train(config, train_set=train_set, on_epoch_end=on_epoch_end)
     if not dist_info.is_main:
         return {}
+    write_history(history_path, result.history)  # complete, whatever a kill left behind
     save_model(run_dir / "models" / f"{cell.slug}.pt", result, train_set)
     evals, settings = eval_settings(preset, cell, device=device)
     metrics = evaluate(result.model, test_set, evals, T=cell.T, train_T=cell.T,
@@ -839,7 +875,9 @@ def _barrier(dist_info) -> None:
 
 
 def write_report(run_dir: str | os.PathLike, preset: Optional[Preset] = None) -> list[Path]:
-    """(Re)write results.md and the PNG plots from results.csv; returns the files written."""
+    """(Re)write results.md, claims.md and the PNG plots from results.csv; returns the files
+    written."""
+    from tempsoft.claims import write_claims
     from tempsoft.plots import plot_run
 
     run_dir = Path(run_dir)
@@ -849,7 +887,8 @@ def write_report(run_dir: str | os.PathLike, preset: Optional[Preset] = None) ->
     config = json.loads((run_dir / "config.json").read_text()) \
         if (run_dir / "config.json").exists() else {}
     md = write_markdown(run_dir / "results.md", rows, config)
-    return [md] + plot_run(rows, run_dir)
+    claims = write_claims(run_dir / "claims.md", rows, config)
+    return [md, claims] + plot_run(rows, run_dir)
 
 
 # ======================================================================================

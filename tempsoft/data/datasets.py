@@ -138,11 +138,13 @@ class DatasetInfo:
 DATASETS: dict[str, DatasetInfo] = {
     "digits": DatasetInfo("digits", "scikit-learn's bundled UCI handwritten digits, 8x8 "
                           "grayscale, 1,437 train / 360 test (no download)", 10, 8, 1, False),
-    "cifar10": DatasetInfo("cifar10", "CIFAR-10 python-pickle archive (cifar-10-python.tar.gz)",
+    "cifar10": DatasetInfo("cifar10", "CIFAR-10: the python-pickle archive "
+                           "(cifar-10-python.tar.gz), or an image tree train|test/<class>/",
                            10, 32, 3, True,
                            "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
     "cifar100": DatasetInfo("cifar100", "CIFAR-100 python-pickle archive "
-                            "(cifar-100-python.tar.gz), fine labels", 100, 32, 3, True,
+                            "(cifar-100-python.tar.gz), fine labels, or an image tree "
+                            "train|test/<class>/", 100, 32, 3, True,
                             "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
     "tinyimagenet": DatasetInfo("tinyimagenet", "Tiny-ImageNet-200 in its official folder "
                                 "layout (tiny-imagenet-200/), 64x64; split 'test' = the "
@@ -199,7 +201,8 @@ def load_dataset(name: str = "digits", root: str | os.PathLike | None = None,
             "tinyimagenet", "imagefolder".
         root: folder holding the data. cifar10/cifar100: the folder containing the official
             ``cifar-10-python.tar.gz`` (or its extracted ``cifar-10-batches-py/``), or that
-            extracted folder itself; tinyimagenet: the folder containing ``tiny-imagenet-200/``
+            extracted folder itself, or an image tree of the same images
+            (``train/<class>/*.png|jpg`` and ``test/<class>/...``, CIFAR's class names); tinyimagenet: the folder containing ``tiny-imagenet-200/``
             (or its zip), or that folder itself; imagefolder: a folder of class subfolders, or
             one with ``train/`` and ``test/`` (or ``val/``) subfolders of class subfolders.
             Ignored for digits. Defaults to ``$TEMPSOFT_DATA_DIR`` or ``~/.cache/tempsoft/data``.
@@ -382,8 +385,9 @@ def _cifar_folder(root: Path, name: str, download: bool) -> Path:
     archive = _verified_archive(root, name, download)
     if archive is None:
         raise DatasetNotFoundError(
-            f"{name} not found: looked for {root / folder}/ and {root / filename}. Download "
-            f"{DATASETS[name].url} (md5 {_ARCHIVES[name][1]}) into {root}, or call "
+            f"{name} not found: looked for {root / folder}/, {root / filename} and an image "
+            f"tree {root}/train|test/<class>/. Download {DATASETS[name].url} (md5 "
+            f"{_ARCHIVES[name][1]}) into {root}, or call "
             f"load_dataset({name!r}, root={str(root)!r}, download=True)")
     _extract(archive, root)
     return root / folder
@@ -401,8 +405,53 @@ def _unpickle(path: Path, md5: str) -> dict:
         return pickle.load(handle, encoding="latin1")
 
 
+# CIFAR-10's label names in label order (batches.meta). CIFAR-100's 100 fine label names
+# are in alphabetical order too, so a tree's sorted class folders give the official labels.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+_CIFAR_NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+def _cifar_image_tree(root: Path, name: str) -> Path | None:
+    """root when it holds the CIFAR images as an ImageFolder tree (train/<class>/<image> and
+    test/<class>/<image>, one folder per CIFAR class), else None."""
+    if not ((root / "train").is_dir() and (root / "test").is_dir()):
+        return None
+    classes = [d.name for d in _class_dirs(root / "train")]
+    if len(classes) != _CIFAR_NUM_CLASSES[name]:
+        return None
+    if name == "cifar10" and tuple(classes) != CIFAR10_CLASSES:
+        raise DatasetNotFoundError(
+            f"{root} looks like a CIFAR-10 image tree, but its class folders {classes} are "
+            f"not CIFAR-10's classes {list(CIFAR10_CLASSES)}")
+    return root
+
+
+def _load_cifar_tree(tree: Path, name: str, split: str, progress: bool) -> ImageDataset:
+    """The same split from an ImageFolder tree of the CIFAR images (e.g. PNG/JPEG exports
+    of the official set): labels from the sorted class folders, the official statistics."""
+    part = _load_imagefolder(tree, split, progress=progress)
+    if part.images.shape[1:] != (3, 32, 32):
+        raise DatasetNotFoundError(f"{tree}/{split} holds images of shape "
+                                   f"{tuple(part.images.shape[1:])}, not CIFAR's (3, 32, 32)")
+    test_classes = [d.name for d in _class_dirs(tree / split)] if split == "test" else None
+    if test_classes is not None and test_classes != part.classes:
+        raise DatasetNotFoundError(f"{tree}/test has class folders {test_classes}, "
+                                   f"{tree}/train has {part.classes}")
+    mean, std = _STATS[name]
+    return ImageDataset(images=part.images, labels=part.labels, classes=part.classes,
+                        name=f"{name}/{split}", mean=mean, std=std, flip_ok=True)
+
+
 def _load_cifar(name: str, root: Path, split: str, download: bool, progress: bool = True
                 ) -> ImageDataset:
+    filename, _, archive_folder = _ARCHIVES[name]
+    has_official = ((root / _CIFAR_FILES[name]["meta"][0]).exists()
+                    or (root / archive_folder).is_dir() or (root / filename).exists())
+    if not has_official and not download:
+        tree = _cifar_image_tree(root, name)
+        if tree is not None:
+            return _load_cifar_tree(tree, name, split, progress)
     folder = _cifar_folder(root, name, download)
     files = _CIFAR_FILES[name]
     label_key = "labels" if name == "cifar10" else "fine_labels"

@@ -2,7 +2,7 @@
 
 Public API:
     MODELS: name -> builder, names "resnet18", "preact_resnet18", "vgg16_bn", "wrn28_10",
-        "vit", "small_cnn".
+        "vit", "vit_tiny", "small_cnn", "cifar_cnn".
     build_model(name, num_classes, in_channels=3, image_size=32, mean=None, std=None)
     Normalize, NormalizedModel.
 """
@@ -12,16 +12,19 @@ from typing import Callable, Sequence
 
 from torch import nn
 
+from .cifar_cnn import CifarCNN, cifar_cnn
+from .head import Head
 from .normalize import Normalize, NormalizedModel
 from .resnet import PreActResNet, ResNet, preact_resnet18, resnet18
 from .small_cnn import SmallCNN, small_cnn
 from .vgg import VGG, vgg16_bn
-from .vit import VIT_CONFIG, VisionTransformer, vit
+from .vit import VIT_CONFIG, VIT_TINY_CONFIG, VisionTransformer, vit, vit_tiny
 from .wrn import WideResNet, wrn28_10
 
 __all__ = [
     "MODELS", "build_model", "Normalize", "NormalizedModel", "ResNet", "PreActResNet", "VGG",
-    "WideResNet", "VisionTransformer", "SmallCNN", "VIT_CONFIG",
+    "WideResNet", "VisionTransformer", "SmallCNN", "CifarCNN", "Head", "VIT_CONFIG",
+    "VIT_TINY_CONFIG",
 ]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -30,7 +33,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "vgg16_bn": vgg16_bn,
     "wrn28_10": wrn28_10,
     "vit": vit,
+    "vit_tiny": vit_tiny,
     "small_cnn": small_cnn,
+    "cifar_cnn": cifar_cnn,
 }
 
 

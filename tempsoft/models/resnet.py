@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .head import Head
+
 __all__ = ["ResNet", "PreActResNet", "resnet18", "preact_resnet18"]
 
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -90,7 +92,7 @@ class ResNet(nn.Module):
                                   nn.BatchNorm2d(STAGE_WIDTHS[0]), nn.ReLU(inplace=True))
         self.stages = _stages(BasicBlock, blocks_per_stage)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(STAGE_WIDTHS[-1], num_classes)
+        self.fc = Head(STAGE_WIDTHS[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(self.stages(self.stem(x))).flatten(1))
@@ -110,7 +112,7 @@ class PreActResNet(nn.Module):
         self.stages = _stages(PreActBlock, blocks_per_stage)
         self.bn = nn.BatchNorm2d(STAGE_WIDTHS[-1])
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(STAGE_WIDTHS[-1], num_classes)
+        self.fc = Head(STAGE_WIDTHS[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn(self.stages(self.stem(x))))

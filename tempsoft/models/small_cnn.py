@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .head import Head
+
 __all__ = ["SmallCNN", "small_cnn"]
 
 WIDTHS = (32, 64, 128)
@@ -30,7 +32,7 @@ class SmallCNN(nn.Module):
             cin = width
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
+        self.fc = Head(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(self.features(x)).flatten(1))

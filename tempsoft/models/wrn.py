@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .head import Head
+
 from tempsoft.models.resnet import PreActBlock
 
 __all__ = ["WideResNet", "wrn28_10"]
@@ -37,7 +39,7 @@ class WideResNet(nn.Module):
         self.stages = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(cin)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
+        self.fc = Head(cin, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
