@@ -389,6 +389,26 @@ def write_claims(path: str | os.PathLike, rows: list[dict], config: dict) -> Pat
     return path
 
 
+def write_summary(path: str | os.PathLike, runs: dict[str, list[dict]]) -> Path:
+    """SUMMARY.md: every claim's verdict in every run (one column per run, dataset and
+    model), the runs' rows read from their results.csv by the caller."""
+    path = Path(path)
+    columns: list[tuple[str, tuple[str, str], list[Verdict]]] = []
+    for run, rows in runs.items():
+        for key, verdicts in judge_all(rows).items():
+            columns.append((run, key, verdicts))
+    out = ["# Claim verdicts across runs", "",
+           "Each column is one run of `tempsoft reproduce` (its claims.md has the comparisons "
+           "and numbers behind each verdict); the rules are in any claims.md.", "",
+           "| claim | " + " | ".join(f"{run} ({d} / {m})" for run, (d, m), _ in columns) + " |",
+           "|---|" + "---|" * len(columns)]
+    for i, claim in enumerate(CLAIMS):
+        out.append(f"| {claim.key}. {claim.text} | "
+                   + " | ".join(v[i].verdict for _, _, v in columns) + " |")
+    path.write_text("\n".join(out) + "\n")
+    return path
+
+
 def verdict_table(rows: Iterable[dict]) -> dict[str, dict[str, str]]:
     """claim key -> "dataset / model" -> verdict (for tests and summaries)."""
     judged = judge_all(list(rows))
@@ -397,4 +417,4 @@ def verdict_table(rows: Iterable[dict]) -> dict[str, dict[str, str]]:
 
 
 __all__ = ["CLAIMS", "RULES", "HOLDS", "WITHIN_NOISE", "CONTRADICTED", "MASKED", "NOT_TESTED",
-           "judge", "judge_all", "paired", "verdict_table", "write_claims"]
+           "judge", "judge_all", "paired", "verdict_table", "write_claims", "write_summary"]

@@ -344,6 +344,46 @@ def _cmd_demo(args) -> int:
     return _cmd_reproduce(args)
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="rewrite a run's reports, or summarize several runs",
+                       description="tempsoft report rewrite RUN_DIR: results.md, claims.md and "
+                       "the plots again from results.csv. tempsoft report summary RUN_DIR... "
+                       "--out FILE: every claim's verdict in every run, one table.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    rewrite = actions.add_parser("rewrite", help="rewrite a run's results.md, claims.md, plots")
+    rewrite.add_argument("run_dir")
+    rewrite.set_defaults(func=_cmd_report_rewrite)
+    summary = actions.add_parser("summary", help="claim verdicts across runs")
+    summary.add_argument("run_dirs", nargs="+")
+    summary.add_argument("--out", required=True, help="the markdown file to write")
+    summary.set_defaults(func=_cmd_report_summary)
+
+
+def _cmd_report_rewrite(args) -> int:
+    from tempsoft.reproduce import write_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "results.csv").is_file():
+        raise FileNotFoundError(f"no results.csv in {run_dir}")
+    for path in write_report(run_dir):
+        print(path)
+    return 0
+
+
+def _cmd_report_summary(args) -> int:
+    from tempsoft.claims import write_summary
+    from tempsoft.reproduce import read_results
+
+    runs = {}
+    for folder in map(Path, args.run_dirs):
+        if not (folder / "results.csv").is_file():
+            raise FileNotFoundError(f"no results.csv in {folder}")
+        runs[folder.name] = read_results(folder / "results.csv")
+    print(write_summary(args.out, runs))
+    return 0
+
+
 def benchmarks_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -388,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "are bitwise reproducible only at the same thread count")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_train, _add_eval, _add_attack, _add_reproduce, _add_bench, _add_demo):
+    for add in (_add_train, _add_eval, _add_attack, _add_reproduce, _add_report, _add_bench,
+                _add_demo):
         add(sub)
     return parser
 

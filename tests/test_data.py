@@ -235,6 +235,33 @@ def test_imagefolder_with_splits_decodes_exactly(tmp_path):
     assert np.allclose(train.mean, expected_mean, atol=1e-6)
 
 
+def test_cifar10_from_an_image_tree(tmp_path):
+    """The same preset works on the official archive or on an image tree of its images."""
+    classes = ds.CIFAR10_CLASSES
+    train_pixels = _write_png_tree(tmp_path / "train", classes=classes, per_class=2, size=32)
+    _write_png_tree(tmp_path / "test", classes=classes, per_class=1, size=32, seed=3)
+    train = load_dataset("cifar10", root=tmp_path, progress=False)
+    test = load_dataset("cifar10", root=tmp_path, split="test", progress=False)
+    assert train.name == "cifar10/train" and test.name == "cifar10/test"
+    assert train.classes == list(classes) and train.labels.tolist() == [
+        c for c in range(10) for _ in range(2)]
+    assert torch.equal(train.images, torch.from_numpy(train_pixels).permute(0, 3, 1, 2))
+    assert (train.mean, train.std) == ds._STATS["cifar10"]   # the official statistics
+
+
+def test_cifar_image_tree_mismatches_are_refused(tmp_path):
+    wrong = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+             "zebra")
+    _write_png_tree(tmp_path / "a" / "train", classes=wrong, per_class=1, size=32)
+    _write_png_tree(tmp_path / "a" / "test", classes=wrong, per_class=1, size=32)
+    with pytest.raises(DatasetNotFoundError, match="not CIFAR-10's classes"):
+        load_dataset("cifar10", root=tmp_path / "a", progress=False)
+    _write_png_tree(tmp_path / "b" / "train", classes=ds.CIFAR10_CLASSES, per_class=1, size=16)
+    _write_png_tree(tmp_path / "b" / "test", classes=ds.CIFAR10_CLASSES, per_class=1, size=16)
+    with pytest.raises(DatasetNotFoundError, match=r"not CIFAR's \(3, 32, 32\)"):
+        load_dataset("cifar10", root=tmp_path / "b", progress=False)
+
+
 def test_imagefolder_without_splits_is_split_80_20(tmp_path):
     _write_png_tree(tmp_path, per_class=10)
     train = load_dataset("imagefolder", root=tmp_path, split="train", progress=False)

@@ -124,3 +124,22 @@ def test_small_cnn_learns_digits_in_seconds():
     with torch.no_grad():
         accuracy = (model(test.images.float() / 255).argmax(1) == test.labels).float().mean()
     assert float(accuracy) > 0.95, f"test accuracy {float(accuracy):.3f}"
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_logits_stay_fp32_under_bf16_autocast(name):
+    """The head runs in fp32: a tempered loss must not see bf16-rounded logits."""
+    from tempsoft.models import Head
+
+    size = 32
+    model = build_model(name, 10, image_size=size).eval()
+    heads = [m for m in model.modules() if isinstance(m, Head)]
+    assert len(heads) == 1 and heads[0].out_features == 10
+    x = torch.rand(2, 3, size, size)
+    features = torch.randn(2, heads[0].in_features).bfloat16()
+    with torch.no_grad():
+        exact = torch.nn.functional.linear(features.float(), heads[0].weight, heads[0].bias)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+            assert torch.equal(heads[0](features), exact)
+    assert logits.dtype == torch.float32

@@ -152,8 +152,40 @@ def test_cell_configs_merge_sections_in_order():
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     torch.set_num_threads(1)
-    summary = reproduce("demo", out_dir=out, overrides=QUICK, progress=False, log=None)
+    lines = []
+    summary = reproduce("demo", out_dir=out, overrides=QUICK, progress=False, log=lines.append)
+    summary.log_lines = lines
     return out, summary
+
+
+def test_reduced_demo_logs_one_line_per_epoch_and_evaluation(quick_run):
+    lines = quick_run[1].log_lines
+    assert not any("\r" in line for line in lines)
+    epochs = [l for l in lines if l.startswith("[train] digits/small_cnn/standard/T=0.5/seed=0")]
+    assert [l.split(" epoch ")[1].split(":")[0] for l in epochs] == ["1/2", "2/2"]
+    assert "img/s" in epochs[0] and "loss" in epochs[0]
+    evals = [l for l in lines if l.startswith("[eval] ")]
+    assert len([l for l in evals if l.startswith("[eval] audit:")]) == 4
+    assert any(l.startswith("[audit] apgd-dlr") for l in lines)
+
+
+def test_reduced_demo_writes_each_cells_history_csv(quick_run):
+    run = quick_run[1].run_dir
+    files = sorted((run / "history").glob("*.csv"))
+    assert len(files) == 4
+    history = read_results(files[0])
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert set(rp.HISTORY_COLUMNS) <= set(history[0]) and history[0]["images_per_s"] > 0
+
+
+def test_reduced_demo_writes_claims(quick_run):
+    run = quick_run[1].run_dir
+    text = (run / "claims.md").read_text()
+    from tempsoft.claims import RULES
+
+    assert RULES in text and "| claim | digits / small_cnn |" in text
+    # two temperatures, no T=1 cell: every claim is honestly untested
+    assert text.count("not tested in this run") >= 6
 
 
 def test_reduced_demo_writes_csv_markdown_and_plots(quick_run):
