@@ -1,9 +1,9 @@
-"""Claim verdicts (tempsoft.claims): each rule on rows built to land on each side of it."""
+"""Claim verdicts (tempsoft.study.claims): each rule on rows built to land on each side of it."""
 import math
 
 import pytest
 
-from tempsoft.claims import (CONTRADICTED, HOLDS, MASKED, NOT_TESTED, RULES, WITHIN_NOISE,
+from tempsoft.study.claims import (CONTRADICTED, HOLDS, MASKED, NOT_TESTED, RULES, WITHIN_NOISE,
                              CLEAN, FLIP, judge, paired, verdict_table, write_claims, CLAIMS)
 
 TEMPS = (0.1, 1.0, 10.0, 100.0)

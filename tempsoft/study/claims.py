@@ -1,6 +1,6 @@
 """The paper's claims, the comparison that tests each one, and a verdict from fixed rules.
 
-    >>> from tempsoft.claims import write_claims
+    >>> from tempsoft.study.claims import write_claims
     >>> write_claims("results/demo/claims.md", rows, config)
 
 The rules (``RULES``) were written before any result was seen, are the same for every run
@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 HOLDS = "holds"
 WITHIN_NOISE = "within noise"
