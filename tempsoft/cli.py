@@ -291,7 +291,8 @@ def _add_reproduce(sub) -> None:
                    "--set train.epochs=2 --set grid.temperatures=[0.5,2]")
     p.add_argument("--device", default=None, help="force a device (cpu, cuda)")
     p.add_argument("--list", action="store_true", help="list the presets and their cells")
-    p.add_argument("--dry-run", action="store_true", help="validate and list cells only")
+    p.add_argument("--dry-run", action="store_true", help="validate, list the cells and "
+                   "print the estimated time on one H100/H200 (an estimate, not a measurement)")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite results.md and the plots from results.csv")
     p.add_argument("--no-progress", action="store_true")
@@ -311,9 +312,13 @@ def _cmd_reproduce(args) -> int:
         raise ValueError(f"reproduce needs --preset NAME; available: {available_presets()}")
     preset = load_preset(args.preset, args.overrides)
     if args.dry_run:
+        from tempsoft.estimate import describe
+
         for cell in cells(preset):
             print(cell.id)
         print(f"{len(cells(preset))} cells")
+        for line in describe(preset):
+            print(line)
         return 0
     if args.report_only:
         run_dir = Path(args.out) / (args.run or preset.name)

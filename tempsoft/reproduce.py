@@ -575,32 +575,19 @@ def _log_invocation(run_dir: Path, preset: Preset, todo: int, done: int) -> None
 # ======================================================================================
 def result_columns(preset: Preset) -> list[str]:
     """The fixed CSV header for this preset (metric columns follow its evaluations)."""
-    from tempsoft.robustness.corruptions import CORRUPTIONS
+    from tempsoft.robustness.evaluate import metric_columns
+    from tempsoft.train import SELECTION_COLUMNS
 
     evals = set(preset.eval["evals"])
     for ds in preset.datasets:
         evals |= set(preset.dataset_overrides.get(ds, {}).get("eval", {}).get("evals", []))
     cols = CELL_COLUMNS + TRAIN_COLUMNS + HEALTH_COLUMNS
-    if "ece" in evals:
-        cols.append("ece")
-    if "corruption" in evals:
-        names = preset.eval.get("corruptions") or list(CORRUPTIONS)
-        cols += ["corruption_acc"] + [f"corruption_acc/{n}" for n in names]
-    if "released_c" in evals:
-        names = preset.eval.get("corruptions") or list(CORRUPTIONS)
-        cols += ["released_c_acc"] + [f"released_c_acc/{n}" for n in names]
-    if "perturbation" in evals:
-        from tempsoft.robustness.perturbations import PERTURBATIONS
-
-        names = preset.eval.get("perturbations") or list(PERTURBATIONS)
-        cols += ["flip_prob"] + [f"flip_prob/{n}" for n in names]
-    if "cifar101" in evals:
-        cols.append("cifar101_acc")
-    for norm in ("linf", "l2"):
-        if f"pgd_{norm}" in evals:
-            cols.append(f"pgd_{norm}_acc")
+    cols += metric_columns(evals, preset.datasets, preset.eval.get("corruptions"),
+                           preset.eval.get("perturbations"))
     if "audit" in evals:
         cols += AUDIT_COLUMNS
+    if any(train_config(preset, cell, None).val_examples for cell in cells(preset)):
+        cols += SELECTION_COLUMNS
     return cols
 
 
@@ -807,7 +794,7 @@ class _DataCache:
 
 HISTORY_COLUMNS = ["epoch", "loss", "train_acc", "lr", "seconds", "images_per_s",
                    "grad_logits_norm", "grad_features_norm", "wrong_class_entropy",
-                   "wrong_class_entropy_norm", "logit_std"]
+                   "wrong_class_entropy_norm", "logit_std", "val_acc", "val_pgd_acc"]
 
 
 def write_history(path: Path, history: list[dict[str, Any]]) -> None:
@@ -851,8 +838,21 @@ def _run_cell(preset: Preset, cell: Cell, run_dir: Path, data: _DataCache, progr
     write_history(history_path, result.history)  # complete, whatever a kill left behind
     save_model(run_dir / "models" / f"{cell.slug}.pt", result, train_set)
     evals, settings = eval_settings(preset, cell, device=device)
-    metrics = evaluate(result.model, test_set, evals, T=cell.T, train_T=cell.T,
+    model, selection = result.model, {}
+    if result.best is not None:
+        # The selected epoch is the cell's model; the last epoch's is reported beside it.
+        save_model(run_dir / "models" / f"{cell.slug}-best.pt", result, train_set, best=True)
+        model = result.best_model()
+        last = evaluate(result.model, test_set, [e for e in ("clean", "pgd_linf") if
+                                                 e == "clean" or e in evals],
+                        T=cell.T, train_T=cell.T, settings=settings, cache=cache)
+        selection = {"best_epoch": result.best["epoch"], "best_val_acc": result.best["val_acc"],
+                     "best_val_pgd_acc": result.best["val_pgd_acc"],
+                     "last_clean_acc": last["clean_acc"],
+                     "last_pgd_linf_acc": last.get("pgd_linf_acc")}
+    metrics = evaluate(model, test_set, evals, T=cell.T, train_T=cell.T,
                        train_set=train_set, settings=settings, cache=cache, log=log)
+    metrics.update(selection)
     (run_dir / "cells").mkdir(parents=True, exist_ok=True)
     detail = {"cell": cell.id, "config": dataclasses.asdict(config), "history": result.history,
               "metrics": metrics}
@@ -898,16 +898,22 @@ def write_report(run_dir: str | os.PathLike, preset: Optional[Preset] = None) ->
 METRIC_TABLES = [
     ("clean_acc", "Clean test accuracy (%)", 100),
     ("ece", "Expected calibration error (%, 15 bins, softmax at the training T)", 100),
-    ("corruption_acc", "Corruption accuracy (%, generated CIFAR-10-C protocol, mean over "
-     "corruptions x severities)", 100),
-    ("released_c_acc", "Released CIFAR-C accuracy (%, mean over corruptions x severities)",
-     100),
-    ("flip_prob", "Flip probability (%, CIFAR-10-P protocol; lower is more stable)", 100),
+    ("ece_T1", "Expected calibration error (%, 15 bins, raw logits: T = 1, as deployed)", 100),
+    ("corruption_acc", "Corruption accuracy (%, the dataset's -C benchmark generated, mean "
+     "over corruptions x severities)", 100),
+    ("released_c_acc", "Released -C benchmark accuracy (%, mean over corruptions x "
+     "severities)", 100),
+    ("flip_prob", "Flip probability (%, the dataset's -P benchmark generated; lower is more "
+     "stable)", 100),
+    ("released_flip_prob", "Flip probability on the released -P benchmark (%)", 100),
     ("cifar101_acc", "CIFAR-10.1 v6 accuracy (%)", 100),
     ("pgd_linf_acc", "PGD-Linf accuracy (%)", 100),
     ("pgd_l2_acc", "PGD-L2 accuracy (%)", 100),
     ("audit_worst_acc", "Gradient-masking audit: accuracy under all its attacks at once "
      "(%, per image)", 100),
+    ("last_clean_acc", "Last epoch's model (the rows above: the best validation epoch's): "
+     "clean accuracy (%)", 100),
+    ("last_pgd_linf_acc", "Last epoch's model: PGD-Linf accuracy (%)", 100),
 ]
 # Gradient masking (§) inflates only what a gradient attack measures.
 ADVERSARIAL_METRICS = {"pgd_linf_acc", "pgd_l2_acc", "audit_worst_acc"}
