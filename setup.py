@@ -57,6 +57,8 @@ EXTRAS_REQUIRE = {
     "triton": ["triton>=3.0"],
     "test": ["pytest", "hypothesis", "pytest-benchmark"],
     "bench": ["triton>=3.0", "liger-kernel"],
+    "ray": ["ray>=2.9"],              # tempsoft reproduce --executor ray
+    "slurm": ["submitit>=1.5"],       # tempsoft reproduce --executor slurm
 }
 
 # -march-free SIMD levels for at::vec.  CPU_CAPABILITY names the inline namespace that
@@ -282,6 +284,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["tempsoft*"]),
+    package_data={"tempsoft.study": ["presets/*.toml"]},   # the presets ship with the wheel
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["tempsoft = tempsoft.cli:main"]},

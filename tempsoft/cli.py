@@ -1,7 +1,11 @@
-"""The ``tempsoft`` command: train | eval | attack | reproduce | bench | demo.
+"""The ``tempsoft`` command: train | eval | attack | reproduce | report | bench | demo.
 
-    tempsoft demo                                   # the digits study, < 3 min on a CPU
-    tempsoft reproduce --preset cifar10             # a study from experiments/presets/
+    tempsoft demo                                   # the digits study, a few minutes on a CPU
+    tempsoft reproduce --list                       # the presets shipped with tempsoft
+    tempsoft reproduce --preset cifar10             # a study (tempsoft/study/presets/)
+    tempsoft reproduce --preset paper --executor ray          # cells as Ray tasks
+    tempsoft reproduce --preset paper --executor slurm --partition gpu --gpus-per-cell 1
+    tempsoft report merge host-a/paper host-b/paper --out results/paper
     tempsoft train --dataset digits --model small_cnn --T 2 --epochs 10 --out results/t2
     tempsoft eval results/t2/model.pt --evals clean,ece,corruption,pgd_linf
     tempsoft attack results/t2/model.pt --norm linf --eps 0.1 --steps 20 --audit
@@ -279,9 +283,10 @@ def _maybe_write_json(path: Optional[str], metrics: dict) -> None:
 # ======================================================================================
 def _add_reproduce(sub) -> None:
     p = sub.add_parser("reproduce", help="run a study from a preset",
-                       description="Run every unfinished cell of a preset "
-                       "(experiments/presets/NAME.toml) and write results/<run>/results.csv, "
-                       "results.md and PNG plots. Rerunning skips finished cells.")
+                       description="Run every unfinished cell of a preset (a name from "
+                       "--list, or a .toml path) and write <out>/<run>/results.csv, "
+                       "results.md, claims.md and PNG plots. Rerunning skips finished cells; "
+                       "a cell in flight resumes from its last epoch checkpoint.")
     p.add_argument("--preset", required=False, help="preset name or .toml path")
     p.add_argument("--run", default=None, help="run folder name (default: the preset name)")
     p.add_argument("--out", default="results", help="parent folder of the run (default "
@@ -290,46 +295,84 @@ def _add_reproduce(sub) -> None:
                    metavar="SECTION.KEY=VALUE", help="override a preset value, e.g. "
                    "--set train.epochs=2 --set grid.temperatures=[0.5,2]")
     p.add_argument("--device", default=None, help="force a device (cpu, cuda)")
-    p.add_argument("--list", action="store_true", help="list the presets and their cells")
-    p.add_argument("--dry-run", action="store_true", help="validate, list the cells and "
-                   "print the estimated time on one H100/H200 (an estimate, not a measurement)")
+    p.add_argument("--list", action="store_true", help="list the presets, their cells and "
+                   "descriptions")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, list the cells and project the cost; run nothing")
     p.add_argument("--report-only", action="store_true",
-                   help="rewrite results.md and the plots from results.csv")
+                   help="rewrite results.md, claims.md and the plots from results.csv")
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("executors (where the cells run)")
+    g.add_argument("--executor", choices=("local", "ray", "slurm"), default="local",
+                   help="local (default: here, one cell after another), ray (Ray tasks on "
+                   "this machine or --address's cluster), slurm (a job array via submitit)")
+    g.add_argument("--address", default=None, help="ray: join this Ray cluster "
+                   "(e.g. auto, or ray://host:10001); default: start Ray on this machine")
+    g.add_argument("--cpus-per-cell", type=float, default=None,
+                   help="ray/slurm: CPUs a cell needs (default: the preset's run.threads)")
+    g.add_argument("--gpus-per-cell", type=float, default=None,
+                   help="ray/slurm: GPUs a cell needs (default 1 when cells run on CUDA)")
+    g.add_argument("--max-retries", type=int, default=None,
+                   help="ray/slurm: how often a cell whose worker died is retried (default 2)")
+    g.add_argument("--cells-per-job", type=int, default=None,
+                   help="slurm: cells per array task (default 1)")
+    g.add_argument("--partition", default=None, help="slurm: the partition")
+    g.add_argument("--timeout-min", type=int, default=None,
+                   help="slurm: time limit of an array task in minutes (default 1440)")
+    g.add_argument("--cluster", default=None,
+                   help="slurm: submitit's cluster (default: slurm when sbatch is found; "
+                   "local: the same jobs as local processes)")
     p.set_defaults(func=_cmd_reproduce)
 
 
+def _executor_options(args) -> dict[str, Any]:
+    options = {"ray": {"address": args.address, "cpus_per_cell": args.cpus_per_cell,
+                       "gpus_per_cell": args.gpus_per_cell, "max_retries": args.max_retries},
+               "slurm": {"cpus_per_cell": args.cpus_per_cell,
+                         "gpus_per_cell": None if args.gpus_per_cell is None
+                         else int(args.gpus_per_cell), "max_retries": args.max_retries,
+                         "cells_per_job": args.cells_per_job, "partition": args.partition,
+                         "timeout_min": args.timeout_min, "cluster": args.cluster},
+               "local": {}}[args.executor]
+    given = {k for k, v in vars(args).items() if v is not None and k in {
+        "address", "cpus_per_cell", "gpus_per_cell", "max_retries", "cells_per_job",
+        "partition", "timeout_min", "cluster"}}
+    stray = sorted(given - set(options))
+    if stray:
+        flags = ", ".join("--" + k.replace("_", "-") for k in stray)
+        raise ValueError(f"{flags} do(es) not apply to --executor {args.executor}")
+    return options
+
+
 def _cmd_reproduce(args) -> int:
-    from tempsoft.reproduce import (available_presets, cells, load_preset, reproduce,
-                                    write_report)
+    from tempsoft.study import available_presets, cells, load_preset, project, reproduce
+    from tempsoft.study import write_report
 
     if args.list:
         for name in available_presets():
             preset = load_preset(name)
-            print(f"{name:<10} {len(cells(preset)):>4} cells  {preset.description}")
+            print(f"{name:<12} {len(cells(preset)):>4} cells  {preset.description}")
         return 0
     if not args.preset:
         raise ValueError(f"reproduce needs --preset NAME; available: {available_presets()}")
     preset = load_preset(args.preset, args.overrides)
+    options = _executor_options(args)
     if args.dry_run:
-        from tempsoft.estimate import describe
-
         for cell in cells(preset):
             print(cell.id)
         print(f"{len(cells(preset))} cells")
-        for line in describe(preset):
-            print(line)
+        print(project(preset))
         return 0
     if args.report_only:
         run_dir = Path(args.out) / (args.run or preset.name)
-        for path in write_report(run_dir, preset):
+        for path in write_report(run_dir):
             print(path)
         return 0
     # Progress bars only on a terminal: in a log file they would be carriage-return noise,
     # and the runner writes one line per epoch and per evaluation anyway.
     summary = reproduce(preset, out_dir=args.out, run_name=args.run,
                         progress=not args.no_progress and sys.stdout.isatty(),
-                        device=args.device)
+                        device=args.device, executor=args.executor, executor_options=options)
     print(f"[tempsoft] done in {summary.seconds:.1f}s: {summary.cells_run} cells run, "
           f"{summary.cells_skipped} skipped -> {summary.run_dir}/results.md")
     return 0
@@ -344,29 +387,48 @@ def _add_demo(sub) -> None:
 
 
 def _cmd_demo(args) -> int:
-    args.preset, args.overrides, args.device = "demo", [], None
+    args.preset, args.overrides, args.device, args.executor = "demo", [], None, "local"
     args.list = args.dry_run = args.report_only = False
+    for name in ("address", "cpus_per_cell", "gpus_per_cell", "max_retries", "cells_per_job",
+                 "partition", "timeout_min", "cluster"):
+        setattr(args, name, None)
     return _cmd_reproduce(args)
 
 
 def _add_report(sub) -> None:
     p = sub.add_parser("report", help="rewrite a run's reports, or summarize several runs",
                        description="tempsoft report rewrite RUN_DIR: results.md, claims.md and "
-                       "the plots again from results.csv. tempsoft report summary RUN_DIR... "
-                       "--out FILE: every claim's verdict in every run, one table.")
+                       "the plots again from results.csv. tempsoft report merge RUN_DIR... "
+                       "--out DIR: runs of one study from several machines as one run "
+                       "(refused when their settings or a shared cell's config differ). "
+                       "tempsoft report summary RUN_DIR... --out FILE: every claim's verdict "
+                       "in every run, one table.")
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
     rewrite = actions.add_parser("rewrite", help="rewrite a run's results.md, claims.md, plots")
     rewrite.add_argument("run_dir")
     rewrite.set_defaults(func=_cmd_report_rewrite)
+    merge = actions.add_parser("merge", help="combine runs of one study made on several "
+                               "machines into one results.csv and report")
+    merge.add_argument("run_dirs", nargs="+")
+    merge.add_argument("--out", required=True, help="a new folder for the merged run")
+    merge.set_defaults(func=_cmd_report_merge)
     summary = actions.add_parser("summary", help="claim verdicts across runs")
     summary.add_argument("run_dirs", nargs="+")
     summary.add_argument("--out", required=True, help="the markdown file to write")
     summary.set_defaults(func=_cmd_report_summary)
 
 
+def _cmd_report_merge(args) -> int:
+    from tempsoft.study import merge_runs
+
+    out = merge_runs(args.run_dirs, args.out)
+    print(f"{out}/results.csv, results.md, claims.md")
+    return 0
+
+
 def _cmd_report_rewrite(args) -> int:
-    from tempsoft.reproduce import write_report
+    from tempsoft.study import write_report
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "results.csv").is_file():
@@ -377,8 +439,8 @@ def _cmd_report_rewrite(args) -> int:
 
 
 def _cmd_report_summary(args) -> int:
-    from tempsoft.claims import write_summary
-    from tempsoft.reproduce import read_results
+    from tempsoft.study import read_results
+    from tempsoft.study.claims import write_summary
 
     runs = {}
     for folder in map(Path, args.run_dirs):

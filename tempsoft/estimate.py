@@ -1,5 +1,6 @@
-"""How long a preset would take on one H100 / H200: an estimate, printed by
-``tempsoft reproduce --dry-run``.
+"""How long a preset would take on one H100 / H200: an estimate, for presets whose
+``[costs]`` table says ``basis = "estimated"`` (``tempsoft reproduce --dry-run`` prints it
+through tempsoft.study.costs).
 
 Nothing here is measured on a GPU: no preset has run on one yet, so every figure this module
 prints is an estimate until a GPU run replaces it.  Its basis:
@@ -74,27 +75,6 @@ class Estimate:
     def total(self) -> float:
         return self.startup + self.cpu + self.train + self.evaluate
 
-    def lines(self) -> list[str]:
-        """What ``--dry-run`` prints."""
-        if self.missing:
-            return [f"estimate on one H100/H200: not available ({'; '.join(self.missing)})"]
-        per = max((t + e for _, t, e in self.cells), default=0.0)
-        return [
-            f"estimate on one H100/H200: {_duration(self.total)} in all: training "
-            f"{_duration(self.train)}, evaluation {_duration(self.evaluate)}, CPU image "
-            f"generation {_duration(self.cpu)}, start-up {_duration(self.startup)}; at most "
-            f"{_duration(per)} per cell",
-            f"  ({BASIS})",
-        ]
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 2 * 3600:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
 
 def forward_flops(model: str, num_classes: int, channels: int, size: int) -> float:
     """FLOPs (2 x multiply-adds) of one image's forward pass through the convolutions and
@@ -168,7 +148,7 @@ def _cell_eval(evals: list[str], s, n_test: int, train_T: float,
 
 def estimate_preset(preset) -> Estimate:
     """The estimate for every cell of a loaded preset (``tempsoft.reproduce.load_preset``)."""
-    from tempsoft.reproduce import cells, eval_settings, train_config
+    from tempsoft.study.grid import cells, eval_settings, train_config
     from tempsoft.robustness.perturbations import perturbation_names, sequence_length
 
     flops: dict[tuple[str, str], float] = {}
@@ -219,11 +199,3 @@ def estimate_preset(preset) -> Estimate:
         pixels = (DATASET_SHAPES[dataset][1] / 32) ** 2      # per-image work grows with area
         cpu += sum(CPU_SECONDS_PER_IMAGE[k] * n * pixels for k, n in made.items())
     return Estimate(STARTUP_SECONDS, cpu, train_total, eval_total, rows, [])
-
-
-def describe(preset) -> list[str]:
-    """The estimate's lines, or one line saying why there is none."""
-    try:
-        return estimate_preset(preset).lines()
-    except (ValueError, KeyError) as exc:          # a model that cannot be built at that size
-        return [f"estimate on one H100/H200: not available ({exc})"]

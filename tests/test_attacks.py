@@ -439,8 +439,8 @@ def test_audit_catches_a_saturated_softmax(distilled, test_set):
     assert report.dead_gradients["ce@T=1"] > 0.5 and report.dead_gradients["cw"] == 0.0
     assert r["ce@T=1"] > r["cw"] + 0.25 and r["ce@T=1"] > r["apgd-dlr"] + 0.25
     assert report.failed_checks == ["a", "c", "e"], str(report)
-    assert report.masking and "failed (a) dead gradients, (c) unbounded eps, (e) agreement" \
-        in report.verdict
+    assert report.masking and "gradient masking suspected" in report.verdict
+    assert "failed (a) dead gradients, (c) unbounded eps, (e) agreement" in report.verdict
     assert report.worst_case <= r["apgd-dlr"]
     assert report.to_dict()["masking"] is True and "FAIL" in str(report)
 
@@ -795,3 +795,18 @@ def test_docstring_examples_run(name):
     result = doctest.testmod(module, globs={**vars(module), "torch": torch},
                              optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_verdict_tells_a_weak_attack_from_gradient_masking():
+    from tempsoft.attacks.audit import CHECKS, Check, _verdict
+
+    def checks(failed):
+        return {k: Check(name, k not in failed, "") for k, name in CHECKS.items()}
+
+    assert _verdict(checks(set())).startswith("no sign of gradient masking")
+    only_e = _verdict(checks({"e"}))
+    assert only_e.startswith("attacks disagree") and "no other sign of gradient masking" in only_e
+    assert _verdict(checks({"a", "e"})).startswith("gradient masking suspected")
+    untested = checks(set())
+    untested["d"] = Check(CHECKS["d"], None, "")
+    assert "not tested: (d) gradient-free attacks" in _verdict(untested)

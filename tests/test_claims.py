@@ -1,9 +1,9 @@
-"""Claim verdicts (tempsoft.claims): each rule on rows built to land on each side of it."""
+"""Claim verdicts (tempsoft.study.claims): each rule on rows built to land on each side of it."""
 import math
 
 import pytest
 
-from tempsoft.claims import (CONTRADICTED, HOLDS, MASKED, NOT_TESTED, RULES, WITHIN_NOISE,
+from tempsoft.study.claims import (CONTRADICTED, HOLDS, MASKED, NOT_TESTED, RULES, WITHIN_NOISE,
                              CLEAN, FLIP, judge, paired, verdict_table, write_claims, CLAIMS)
 
 TEMPS = (0.1, 1.0, 10.0, 100.0)
@@ -137,3 +137,24 @@ def test_claims_md_lists_rules_verdicts_and_tables(tmp_path):
     assert f"| 5. A higher T improves robustness to untargeted PGD | {MASKED} |" in text
     assert "| clean accuracy (%) | T=0.1 | T=1 | T=10 |" in text
     assert verdict_table(rows)["3"] == {"d / m": NOT_TESTED}
+
+
+def test_pgd_l2_is_not_confirmed_by_the_linf_audit():
+    """The audit attacks in Linf: an L2 gain at a flagged T is not a confirmed gain."""
+    rows = _pgd_rows({1.0: 0.10, 10.0: 0.40}, {1.0: 0.05, 10.0: 0.05}, masked_at={10.0})
+    for r in rows:
+        r["pgd_l2_acc"] = {1.0: 0.1, 10.0: 0.5}[r["T"]]
+        r["pgd_linf_acc"] = 0.1
+    v = judge(_claim("5"), rows)
+    assert v.verdict == MASKED and "no audit in this threat model" in v.reason
+    for r in rows:
+        r["audit_masking"] = False
+    assert judge(_claim("5"), rows).verdict == HOLDS
+
+
+def test_gradient_diagnostics_have_no_better_or_worse_rows():
+    rows = _rows("grad_logits_norm_ep1", {0.1: 11.0, 1.0: 0.75, 10.0: 0.09})
+    for r in rows:
+        r["wrong_class_entropy_norm_ep1"] = 0.5
+    v = judge(_claim("2"), rows)
+    assert all(len(t) == 3 for t in v.tables)   # header, rule, mean ± sd

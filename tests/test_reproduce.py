@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from tempsoft import reproduce as rp
-from tempsoft.reproduce import (DEFAULT_TEMPERATURES, PresetError, cells, load_preset,
+from tempsoft import study as rp
+from tempsoft.study import cell as cell_module
+from tempsoft.study import (DEFAULT_TEMPERATURES, PresetError, cells, load_preset,
                                 parse_override, read_results, reproduce, validate_preset)
 
 # A reduced demo: the real demo preset with fewer temperatures, epochs and attack steps.
@@ -105,7 +106,11 @@ def test_the_short_gpu_preset_is_the_grid_in_one_slot():
     assert {"clean", "corruption", "pgd_linf", "audit"} <= set(preset.eval["evals"])
     estimate = estimate_preset(preset)
     assert estimate.total < 8 * 60 and len(estimate.cells) == 7 and not estimate.missing
-    assert "not a measurement" in " ".join(estimate.lines())
+    projection = rp.project(preset)                 # what --dry-run prints
+    assert projection.seconds == pytest.approx(estimate.total)
+    text = str(projection)
+    assert "one H100/H200 (estimated)" in text and "not a measurement" in text
+    assert "once: start-up and CPU image generation" in text
 
 
 def test_the_estimate_counts_model_flops_per_layer():
@@ -231,7 +236,7 @@ def test_reduced_demo_writes_each_cells_history_csv(quick_run):
 def test_reduced_demo_writes_claims(quick_run):
     run = quick_run[1].run_dir
     text = (run / "claims.md").read_text()
-    from tempsoft.claims import RULES
+    from tempsoft.study.claims import RULES
 
     assert RULES in text and "| claim | digits / small_cnn |" in text
     # two temperatures, no T=1 cell: every claim is honestly untested
@@ -274,7 +279,7 @@ def test_rerun_skips_finished_cells(quick_run, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished cell was trained again")
 
-    monkeypatch.setattr(rp, "train", no_training)
+    monkeypatch.setattr(cell_module, "train", no_training)
     summary = reproduce("demo", out_dir=out, overrides=QUICK, progress=False, log=None)
     assert summary.cells_run == 0 and summary.cells_skipped == 4
     assert len(read_results(summary.run_dir / "results.csv")) == 4
@@ -292,7 +297,7 @@ def test_interrupted_study_resumes_the_cell_in_flight(tmp_path, monkeypatch):
     interrupted cell reuses its final checkpoint instead of training again."""
     overrides = ["grid.temperatures=[0.5, 5.0]", "grid.seeds=[0]", "train.epochs=2",
                  "train.max_batches=4", 'eval.evals=["clean"]']
-    real_evaluate = rp.evaluate
+    real_evaluate = cell_module.evaluate
     calls = {"n": 0}
 
     def evaluate_then_die(*args, **kwargs):
@@ -301,26 +306,37 @@ def test_interrupted_study_resumes_the_cell_in_flight(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(rp, "evaluate", evaluate_then_die)
+    monkeypatch.setattr(cell_module, "evaluate", evaluate_then_die)
     with pytest.raises(KeyboardInterrupt):
         reproduce("demo", out_dir=tmp_path, overrides=overrides, progress=False, log=None)
     run = tmp_path / "demo"
     assert len(read_results(run / "results.csv")) == 1
-    monkeypatch.setattr(rp, "evaluate", real_evaluate)
+    monkeypatch.setattr(cell_module, "evaluate", real_evaluate)
     resumed = []
-    real_train = rp.train
+    real_train = cell_module.train
 
     def recording_train(config, **kw):
         result = real_train(config, **kw)
         resumed.append(result.resumed_from)
         return result
 
-    monkeypatch.setattr(rp, "train", recording_train)
+    monkeypatch.setattr(cell_module, "train", recording_train)
     summary = reproduce("demo", out_dir=tmp_path, overrides=overrides, progress=False,
                         log=None)
     assert summary.cells_run == 1 and resumed == [2]
     rows = read_results(run / "results.csv")
     assert [r["T"] for r in rows] == [0.5, 5.0]
+
+
+def test_results_rows_are_appended_atomically_and_new_columns_kept(tmp_path):
+    from tempsoft.study.store import append_row
+
+    path = tmp_path / "results.csv"
+    append_row(path, ["cell", "a"], {"cell": "x", "a": 1.5})
+    append_row(path, ["cell", "a", "b"], {"cell": "y", "a": 2.0, "b": [1, 2]})
+    rows = read_results(path)
+    assert rows == [{"cell": "x", "a": 1.5, "b": None}, {"cell": "y", "a": 2.0, "b": [1, 2]}]
+    assert not list(tmp_path.glob(".*tmp*"))   # no temporary file left behind
 
 
 def test_adversarial_cell_reports_the_selected_and_the_last_epoch(tmp_path):

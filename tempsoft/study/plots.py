@@ -1,7 +1,7 @@
 """PNG plots of a study: metric vs temperature, one line per model, error bars over seeds.
 
-    >>> from tempsoft.plots import plot_run
-    >>> from tempsoft.reproduce import read_results
+    >>> from tempsoft.study.plots import plot_run
+    >>> from tempsoft.study import read_results
     >>> plot_run(read_results("results/demo/results.csv"), "results/demo")
 
 Temperatures are log-spaced, so the x-axis is logarithmic. Points where a seed did not train,

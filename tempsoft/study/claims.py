@@ -1,6 +1,6 @@
 """The paper's claims, the comparison that tests each one, and a verdict from fixed rules.
 
-    >>> from tempsoft.claims import write_claims
+    >>> from tempsoft.study.claims import write_claims
     >>> write_claims("results/demo/claims.md", rows, config)
 
 The rules (``RULES``) were written before any result was seen, are the same for every run
@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 HOLDS = "holds"
 WITHIN_NOISE = "within noise"
@@ -46,12 +46,16 @@ Rules (fixed before any result was seen; the same for every run):
 - Claims 3-6 (a higher T improves robustness), each T > 1 against T = 1: holds when some
   T > 1 is better; contradicted when none is better and some T > 1 is worse; otherwise within
   noise. Claims 3-5 use standard training, claim 6 adversarial training.
-- Claims 5 and 6 (PGD): the standard attack (PGD with CE at T = 1) is checked against the
-  gradient-masking audit's worst case over all its attacks. If some T > 1 is better under
-  PGD and also under the audit's worst case: holds. If the temperatures that are better
-  under PGD are all flagged by the audit as masking gradients (in at least one seed) and
-  none is better under the audit's worst case: holds only under an attack the audit flags
-  as masked. Otherwise the verdict is the audit worst case's own.
+- Claims 5 and 6 (PGD): the standard attack (PGD with CE at T = 1). PGD-Linf is checked
+  against the gradient-masking audit's worst case over all its attacks (the audit attacks
+  in Linf). If some T > 1 is better under PGD and also under the audit's worst case: holds.
+  If the temperatures that are better under PGD are all flagged by the audit (a failed
+  check, in at least one seed) and none is better under the audit's worst case: holds only
+  under an attack the audit flags as masked. Otherwise the verdict is the audit worst
+  case's own. PGD-L2 has no audit in its threat model: a gain holds only under an attack
+  the audit flags as masked when every better T is flagged, else the PGD verdict stands.
+  Over Linf and L2 the claim takes its best verdict, in the order holds, holds only under
+  an attack the audit flags as masked, within noise, contradicted.
 - not tested in this run: the run lacks the metric, T = 1, or temperatures on the tested side.
 """
 
@@ -69,6 +73,8 @@ class Metric:
     higher_is_better: bool = True
     min_effect: float = ACCURACY_EFFECT
     scale: float = 100.0   # shown in percent
+    ranked: bool = True    # False: a diagnostic with no better side (no difference rows)
+    audited: bool = False  # the audit's worst case is in this metric's threat model
 
     def fmt(self, value: float) -> str:
         if value is None or math.isnan(value):
@@ -80,12 +86,12 @@ CLEAN = Metric("clean_acc", "clean accuracy (%)")
 CORRUPTION = Metric("corruption_acc", "corruption accuracy (%)")
 FLIP = Metric("flip_prob", "flip probability (%)", higher_is_better=False,
               min_effect=FLIP_EFFECT)
-PGD_LINF = Metric("pgd_linf_acc", "PGD-Linf accuracy (%)")
+PGD_LINF = Metric("pgd_linf_acc", "PGD-Linf accuracy (%)", audited=True)
 PGD_L2 = Metric("pgd_l2_acc", "PGD-L2 accuracy (%)")
 AUDIT = Metric("audit_worst_acc", "audit worst-case accuracy (%)")
-GRAD_SIZE = Metric("grad_logits_norm_ep1", "epoch-1 mean |dL/dz|", scale=1.0)
+GRAD_SIZE = Metric("grad_logits_norm_ep1", "epoch-1 mean |dL/dz|", scale=1.0, ranked=False)
 GRAD_DIRECTION = Metric("wrong_class_entropy_norm_ep1", "epoch-1 wrong-class entropy / ln(C-1)",
-                        scale=1.0)
+                        scale=1.0, ranked=False)
 
 
 @dataclass
@@ -207,7 +213,8 @@ def _temperature_table(metric: Metric, values: dict[float, dict[int, float]],
         text = metric.fmt(m) + ("" if math.isnan(sd) else f" ± {metric.fmt(sd)}")
         cells.append(text)
     lines = head + ["| mean ± sd over seeds |" + "".join(f" {c} |" for c in cells)]
-    for ref, label in ((1.0, "vs T=1"), (best, f"vs T={best:g}" if best is not None else "")):
+    refs = ((1.0, "vs T=1"), (best, f"vs T={best:g}" if best is not None else ""))
+    for ref, label in refs if metric.ranked else ():
         if ref is None or ref not in values:
             continue
         diffs = []
@@ -313,18 +320,30 @@ def _higher_t_one(claim: Claim, rows: list[dict], metric: Metric, values: dict
     audit_vals = values[AUDIT.column]
     if not audit_vals:
         return base[0], base[1] + "; not audited", table
+    if not metric.audited:
+        # No audit in this threat model (the audit attacks in Linf): a gain counts only where
+        # the audit does not flag the gradients.
+        if base[0] == HOLDS and base[2] and base[2] <= _masked(rows):
+            return MASKED, (f"{base[1]}, but the audit flags masking at "
+                            f"{_temperatures(base[2])}; no audit in this threat model"), table
+        return base[0], base[1] + "; no audit in this threat model", table
     table.append(_temperature_table(AUDIT, audit_vals))
     trusted = _basic_higher_t(audit_vals, AUDIT)
     if base[0] == HOLDS and trusted[0] == HOLDS:
         return HOLDS, f"{base[1]}; audit worst case: {trusted[1]}", table
-    if base[0] == HOLDS:
-        masked = {float(r["T"]) for r in rows if r.get("audit_masking") is True}
-        better = base[2]
-        if better and better <= masked:
-            return MASKED, (f"{base[1]}, but the audit flags masking at "
-                            f"{', '.join(f'T={t:g}' for t in sorted(better))}; audit worst "
-                            f"case: {trusted[1]}"), table
+    if base[0] == HOLDS and base[2] and base[2] <= _masked(rows):
+        return MASKED, (f"{base[1]}, but the audit flags masking at "
+                        f"{_temperatures(base[2])}; audit worst case: {trusted[1]}"), table
     return trusted[0], f"by the audit's worst case: {trusted[1]} (PGD alone: {base[1]})", table
+
+
+def _masked(rows: list[dict]) -> set[float]:
+    """Temperatures where the audit flags masking in at least one seed."""
+    return {float(r["T"]) for r in rows if r.get("audit_masking") is True}
+
+
+def _temperatures(temps: Iterable[float]) -> str:
+    return ", ".join(f"T={t:g}" for t in sorted(temps))
 
 
 def _basic_higher_t(values: dict[float, dict[int, float]], metric: Metric
