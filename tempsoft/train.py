@@ -14,12 +14,18 @@ learning rate by T (and divides the weight decay by T, so the decay step lr * wd
 which leaves the direction effect of T alone. Adam-style optimizers normalise the gradient's
 scale away, so for AdamW the rule is a no-op (documented, not an error).
 
+Adversarial training follows Madry et al. (2018) and Rice et al. (2020): the inner PGD runs with
+batch norm in train mode (``adv_model_mode``), and with ``val_examples`` a held-out part of the
+training set picks the epoch with the best validation PGD accuracy (robust overfitting: the
+last epoch is often not the most robust); the last-epoch model is kept as well.
+
 Exact resume: the loader's order and augmentation are functions of (seed, epoch), and a
 checkpoint holds the model, optimizer, scheduler, every RNG state (torch CPU and CUDA, Python,
-NumPy, the attack's generator) and the history. A run killed at any point restarts from the
-last completed epoch and ends with the same weights as an uninterrupted run on the same device
-(bitwise on the CPU at the same thread count; GPU kernels are deterministic only under
-``torch.use_deterministic_algorithms``), also under torchrun with the same number of processes.
+NumPy, the attack's generator), the history and the best validation epoch so far. A run killed
+at any point restarts from the last completed epoch and ends with the same weights as an
+uninterrupted run on the same device (bitwise on the CPU at the same thread count; GPU kernels
+are deterministic only under ``torch.use_deterministic_algorithms``), also under torchrun with
+the same number of processes.
 """
 from __future__ import annotations
 
@@ -43,8 +49,20 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "constant")
 LR_SCALINGS = ("none", "linear")
 AMP_MODES = ("auto", "bf16", "off")
+ADV_MODEL_MODES = ("train", "eval")
+STRONG_AUGMENTS = ("none", "trivialaugment")
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
+# The held-out validation split is the same for every run (Rice et al. draw it once, with
+# seed 0, in generate_validation.py), so cells that differ only in T select on the same images.
+VAL_SPLIT_SEED = 0
+# Fields added after checkpoints were first written, with the value that reproduces the runs
+# written before them: a checkpoint without the field resumes only under that value.
+LEGACY_VALUES = {"adv_model_mode": "eval", "val_examples": 0, "strong_augment": "none",
+                 "decay_all_params": True}
+# Result columns of a run with a validation split: the selected epoch and the last epoch's model.
+SELECTION_COLUMNS = ["best_epoch", "best_val_acc", "best_val_pgd_acc", "last_clean_acc",
+                     "last_pgd_linf_acc"]
 
 
 # ======================================================================================
@@ -65,16 +83,30 @@ class TrainConfig:
         momentum: SGD momentum (ignored by AdamW, which uses betas (0.9, 0.999)).
         nesterov: SGD Nesterov momentum.
         weight_decay: L2 decay for SGD, decoupled decay for AdamW.
+        decay_all_params: False leaves biases, normalization weights and the parameters a
+            model lists in ``no_weight_decay()`` (the ViT's position embedding and class
+            token) without weight decay, as timm and DeiT do for vision transformers.
         schedule: "cosine" (per-step cosine to 0 after a linear warmup), "onecycle"
             (torch OneCycleLR), or "constant".
         warmup_epochs: linear warmup length for "cosine" (may be fractional).
         lr_scaling: "none", or "linear": SGD lr x T and weight decay / T (no-op for AdamW).
         label_smoothing: passed to the loss.
         augment: random crop (+ horizontal flip where the dataset allows) on the device.
+        strong_augment: "none" or "trivialaugment" (TrivialAugmentWide, Mueller & Hutter
+            2021, on the device before the crop and flip).
         adversarial: PGD adversarial training (Madry et al. 2018): every batch is replaced by
             its PGD-Linf adversarial examples before the update.
         adv_eps, adv_alpha, adv_steps: the inner attack's radius, step and steps (Linf).
         adv_T: temperature of the inner attack's loss; None uses the training T.
+        adv_model_mode: the model's mode during the inner attack: "train" (batch norm on the
+            attack batch's statistics, updating its running statistics, as in Madry et al.'s
+            cifar10_challenge train.py, which attacks its Model(mode='train'), and Rice et
+            al.'s train_cifar.py, which attacks after model.train()) or "eval".
+        val_examples: hold out this many training images (a fixed seeded draw, the same for
+            every run) and evaluate on them after each epoch: clean accuracy, and for
+            adversarial training PGD accuracy under the training attack in eval mode; the
+            epoch with the best such accuracy is kept (``TrainResult.best_model()``, and
+            ``best-epoch<e>.pt`` next to the checkpoint).  0: train on everything.
         seed: model init, data order, augmentation and attack starts derive from it.
         device: "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
         amp: "auto" (bf16 autocast on CUDA, off on CPU), "bf16", or "off".
@@ -105,11 +137,15 @@ class TrainConfig:
     lr_scaling: str = "none"
     label_smoothing: float = 0.0
     augment: bool = True
+    strong_augment: str = "none"
+    decay_all_params: bool = True
     adversarial: bool = False
     adv_eps: float = 8 / 255
     adv_alpha: float = 2 / 255
     adv_steps: int = 10
     adv_T: Optional[float] = None
+    adv_model_mode: str = "train"
+    val_examples: int = 0
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"
@@ -132,12 +168,15 @@ class TrainConfig:
         _check_int("batch_size", self.batch_size, minimum=1)
         _check_int("adv_steps", self.adv_steps, minimum=1)
         _check_int("seed", self.seed, minimum=0)
+        _check_int("val_examples", self.val_examples, minimum=0)
         if self.max_batches is not None:
             _check_int("max_batches", self.max_batches, minimum=1)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
         _check_choice("amp", self.amp, AMP_MODES)
+        _check_choice("adv_model_mode", self.adv_model_mode, ADV_MODEL_MODES)
+        _check_choice("strong_augment", self.strong_augment, STRONG_AUGMENTS)
         for name in ("lr", "adv_eps", "adv_alpha"):
             _check_positive(name, getattr(self, name))
         for name in ("momentum", "weight_decay", "warmup_epochs"):
@@ -229,6 +268,10 @@ class TrainResult:
         num_classes: C.
         resumed_from: the number of epochs a checkpoint already held, or None.
         seconds: wall time of this call.
+        best: with a validation split, the selected epoch: {"epoch", "val_acc",
+            "val_pgd_acc" (NaN for standard training), "path" (its weights file or None)};
+            None without one.
+        best_state: that epoch's weights (a CPU state_dict), or None.
     """
 
     model: nn.Module
@@ -237,11 +280,28 @@ class TrainResult:
     num_classes: int
     resumed_from: Optional[int] = None
     seconds: float = 0.0
+    best: Optional[dict[str, Any]] = None
+    best_state: Optional[dict[str, Tensor]] = None
 
     @property
     def final(self) -> dict[str, float]:
         """The last epoch's record."""
         return self.history[-1]
+
+    def best_model(self) -> nn.Module:
+        """A copy of the model with the selected epoch's weights, in eval mode (``model``
+        stays the last epoch's).
+
+        Raises:
+            ValueError: the run had no validation split (``val_examples=0``).
+        """
+        if self.best_state is None:
+            raise ValueError("this run selected no epoch: train with val_examples > 0")
+        import copy
+
+        chosen = copy.deepcopy(self.model)
+        chosen.load_state_dict(self.best_state)
+        return chosen.eval()
 
 
 # ======================================================================================
@@ -266,13 +326,29 @@ def temperature_loss(logits: Tensor, labels: Tensor, T: float, *, label_smoothin
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (momentum) or AdamW over the model's parameters, with ``lr_scaling`` applied."""
+    """SGD (momentum) or AdamW over the model's parameters, with ``lr_scaling`` applied, and
+    without weight decay on ``decay_free_parameters`` unless ``decay_all_params``."""
     lr, decay = config.effective_lr_and_decay()
     params = [p for p in model.parameters() if p.requires_grad]
+    if not config.decay_all_params:
+        free = {id(p) for p in decay_free_parameters(model)}
+        params = [{"params": [p for p in params if id(p) not in free], "weight_decay": decay},
+                  {"params": [p for p in params if id(p) in free], "weight_decay": 0.0}]
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=decay,
                                nesterov=config.nesterov and config.momentum > 0)
     return torch.optim.AdamW(params, lr=lr, weight_decay=decay)
+
+
+def decay_free_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Biases, normalization weights (every parameter of fewer than 2 dimensions) and the
+    parameters each submodule names in ``no_weight_decay()``: timm's rule for vision
+    transformers (``param_groups_weight_decay``), used by DeiT and Compact Transformers."""
+    named = set()
+    for prefix, module in model.named_modules():
+        if hasattr(module, "no_weight_decay"):
+            named |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
+    return [p for name, p in model.named_parameters() if p.ndim <= 1 or name in named]
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
@@ -430,8 +506,11 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> 
         raise ValueError(f"{path}: checkpoint format {saved.get('format')!r} is not "
                          f"{CHECKPOINT_FORMAT}; delete it or use another checkpoint_dir")
     mine = config.trajectory_fields()
-    theirs = saved.get("trajectory", {})
-    differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    # A field the checkpoint predates had the value that reproduces its run.
+    theirs = {**LEGACY_VALUES, **saved.get("trajectory", {})}
+    unused = set() if config.adversarial else {"adv_model_mode"}
+    differ = sorted(k for k in (set(mine) | set(theirs)) - unused
+                    if mine.get(k) != theirs.get(k))
     if differ:
         details = ", ".join(f"{k}: saved {theirs.get(k)!r} vs now {mine.get(k)!r}"
                             for k in differ)
@@ -544,6 +623,10 @@ class _Parts:
     channels_last: bool = False
     history: list = field(default_factory=list)
     meta: dict = field(default_factory=dict)   # what load_trained needs to rebuild the model
+    val_images: Optional[Tensor] = None        # uint8, on the device
+    val_labels: Optional[Tensor] = None
+    best: Optional[dict] = None                # the selected epoch so far
+    best_state: Optional[dict] = None
 
 
 def _autocast(parts: _Parts):
@@ -560,9 +643,15 @@ def _train_step(parts: _Parts, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     if parts.attack is not None:
         with _autocast(parts):
             x = parts.attack(x, y)
-        parts.model.train()  # the attack may leave the model in eval mode
     with _autocast(parts):
         logits = parts.net(x)
+    if parts.amp_dtype is not None and cfg.T != 1.0 and logits.dtype != torch.float32:
+        raise ValueError(
+            f"the model returns {str(logits.dtype).replace('torch.', '')} logits under "
+            f"{str(parts.amp_dtype).replace('torch.', '')} autocast; the "
+            f"loss divides them by T={cfg.T:g}, which scales their rounding error by 1/T: end "
+            "the model with tempsoft.models.Head (a linear layer computed in fp32), or set "
+            "amp='off'")
     loss = temperature_loss(logits, y, cfg.T, label_smoothing=cfg.label_smoothing,
                             backend=cfg.backend)
     parts.optimizer.zero_grad(set_to_none=True)
@@ -682,6 +771,9 @@ def _build(config: TrainConfig, train_set, model: Optional[nn.Module]) -> _Parts
         train_set = load_dataset(config.dataset, root=config.data_root, split="train",
                                  download=config.download)
     num_classes = len(train_set.classes)
+    val_set = None
+    if config.val_examples:
+        train_set, val_set = split_validation(train_set, config.val_examples)
     torch.manual_seed(config.seed)  # model initialisation
     if model is None:
         _, channels, height, _ = train_set.images.shape
@@ -699,7 +791,7 @@ def _build(config: TrainConfig, train_set, model: Optional[nn.Module]) -> _Parts
     shard = shard_for_rank(train_set, dist_info, config.seed)
     loader = DeviceLoader(shard, per_rank_batch, shuffle=True, augment=config.augment,
                           device=device, seed=config.seed + 1000 * dist_info.rank,
-                          drop_last=True)
+                          drop_last=True, strong_augment=config.strong_augment)
     steps = _steps_per_epoch(len(shard.labels), per_rank_batch, config.max_batches)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps)
@@ -717,6 +809,9 @@ def _build(config: TrainConfig, train_set, model: Optional[nn.Module]) -> _Parts
                    amp_dtype=_amp_dtype(config, device), channels_last=channels_last)
     parts.meta = dataset_meta(train_set)
     parts.head = classifier_head(model, num_classes)
+    if val_set is not None and dist_info.is_main:
+        parts.val_images = val_set.images.to(device)
+        parts.val_labels = val_set.labels.to(device)
     if config.adversarial:
         parts.attack_gen, parts.attack = _build_attack(config, model, device, dist_info)
     return parts
@@ -731,7 +826,7 @@ def _build_attack(config: TrainConfig, model: nn.Module, device: torch.device,
     gen.manual_seed(config.seed * 7919 + 17 + dist_info.rank)
     attack = PGD(model, eps=config.adv_eps, alpha=config.adv_alpha, steps=config.adv_steps,
                  norm="linf", T=config.inner_attack_T(), random_start=True, restarts=1,
-                 generator=gen)
+                 generator=gen, model_mode=config.adv_model_mode)
     return gen, attack
 
 
@@ -751,6 +846,8 @@ def _checkpoint_state(parts: _Parts, epochs_done: int) -> dict[str, Any]:
     }
     if parts.attack_gen is not None:
         state["attack_generator"] = parts.attack_gen.get_state()
+    if parts.best is not None:
+        state["best"] = parts.best
     return state
 
 
@@ -774,6 +871,13 @@ def _restore(parts: _Parts, saved: dict[str, Any], ckpt_path: Path) -> int:
     if parts.attack_gen is not None and "attack_generator" in streams:
         parts.attack_gen.set_state(streams["attack_generator"])
     parts.history = list(saved["history"])
+    parts.best = saved.get("best")
+    if parts.best is not None and parts.dist.is_main:
+        best_path = ckpt_path.parent / parts.best["path"]
+        if not best_path.exists():
+            raise ValueError(f"{ckpt_path} selected epoch {parts.best['epoch']}, whose weights "
+                             f"{best_path} are missing; restore that file or start over")
+        parts.best_state = load_checkpoint(best_path)["model"]
     return epoch
 
 
@@ -796,9 +900,89 @@ def _save_epoch(parts: _Parts, ckpt_path: Path, epochs_done: int) -> None:
         _barrier(parts.dist)
     if parts.dist.is_main:
         save_checkpoint(ckpt_path, _checkpoint_state(parts, epochs_done))
+        _remove_stale_best(parts, ckpt_path.parent)
     _barrier(parts.dist)
     if parts.dist.active:
         _rank_streams_path(ckpt_path, parts.dist.rank, epochs_done - 1).unlink(missing_ok=True)
+
+
+# ======================================================================================
+# Validation split and the selected epoch (Rice et al. 2020, robust overfitting)
+# ======================================================================================
+def split_validation(train_set, n: int):
+    """(the rest, ``n`` held-out images): a fixed draw (``VAL_SPLIT_SEED``), the same for
+    every run on this training set, as Rice et al.'s generate_validation.py (1,000 images)."""
+    if n >= len(train_set.labels):
+        raise ValueError(f"val_examples={n} leaves no training images (the training set has "
+                         f"{len(train_set.labels)})")
+    order = torch.randperm(len(train_set.labels),
+                           generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
+    return (train_set.subset(order[n:].sort().values),
+            train_set.subset(order[:n].sort().values))
+
+
+def _validate(parts: _Parts, epoch: int) -> dict[str, float]:
+    """Clean accuracy on the held-out images and, for adversarial training, accuracy under the
+    training attack (its eps, step, steps and loss temperature) with the model in eval mode,
+    as Rice et al. validate.  The attack's starts come from a generator seeded by (seed,
+    epoch): validating touches none of the training's random streams."""
+    from tempsoft.attacks import PGD
+
+    cfg = parts.config
+    model = parts.model
+    model.eval()
+    attack = None
+    if cfg.adversarial:
+        gen = torch.Generator(device=parts.device)
+        gen.manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, 0x7A1])
+                            .generate_state(1, dtype=np.uint64)[0] >> 1))
+        attack = PGD(model, eps=cfg.adv_eps, alpha=cfg.adv_alpha, steps=cfg.adv_steps,
+                     norm="linf", T=cfg.inner_attack_T(), random_start=True, restarts=1,
+                     generator=gen, model_mode="eval")
+    clean = robust = 0
+    total = parts.val_labels.shape[0]
+    for start in range(0, total, cfg.batch_size):
+        x = parts.val_images[start:start + cfg.batch_size].float().div_(255.0)
+        y = parts.val_labels[start:start + cfg.batch_size]
+        if parts.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), _autocast(parts):
+            clean += int((model(x).argmax(dim=1) == y).sum())
+        if attack is not None:
+            with _autocast(parts):
+                adv = attack(x, y)
+            with torch.no_grad(), _autocast(parts):
+                robust += int((model(adv).argmax(dim=1) == y).sum())
+    model.train()
+    return {"val_acc": clean / total,
+            "val_pgd_acc": robust / total if attack is not None else float("nan")}
+
+
+def _select(parts: _Parts, epoch: int, record: dict[str, float], folder: Optional[Path]) -> None:
+    """Keep this epoch if its validation accuracy (PGD accuracy for adversarial training) is
+    the best so far (strictly, as Rice et al.); its weights go to best-epoch<e>.pt first, and
+    the checkpoint that names that file comes after, so a kill between the two loses
+    nothing."""
+    key = "val_pgd_acc" if parts.config.adversarial else "val_acc"
+    if parts.best is not None and not record[key] > parts.best[key]:
+        return
+    name = f"best-epoch{epoch + 1}.pt"
+    parts.best = {"epoch": epoch + 1, "val_acc": record["val_acc"],
+                  "val_pgd_acc": record["val_pgd_acc"], "path": name}
+    parts.best_state = {k: v.detach().cpu().clone() for k, v in parts.model.state_dict().items()}
+    if folder is not None:
+        save_checkpoint(folder / name, {
+            "format": CHECKPOINT_FORMAT, "trajectory": parts.config.trajectory_fields(),
+            "model": parts.best_state, "num_classes": parts.num_classes,
+            "history": parts.history, "best": parts.best, **parts.meta})
+
+
+def _remove_stale_best(parts: _Parts, folder: Path) -> None:
+    """Delete best-epoch files other than the one the checkpoint now names."""
+    keep = parts.best["path"] if parts.best is not None else None
+    for path in folder.glob("best-epoch*.pt"):
+        if path.name != keep:
+            path.unlink(missing_ok=True)
 
 
 def _barrier(dist_info: DistInfo) -> None:
@@ -846,15 +1030,24 @@ def train(config: TrainConfig, *, train_set=None, model: Optional[nn.Module] = N
         start_epoch = resumed_from = _restore(parts, saved, ckpt_path)
     for epoch in range(start_epoch, config.epochs):
         record = _run_epoch(parts, epoch)
+        if parts.val_images is not None:
+            record.update(_validate(parts, epoch))
         parts.history.append(record)
+        if parts.val_images is not None:
+            _select(parts, epoch, record, ckpt_path.parent if ckpt_path is not None else None)
         if ckpt_path is not None:
             _save_epoch(parts, ckpt_path, epoch + 1)
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
     parts.model.eval()
+    best = None
+    if parts.best is not None:
+        best = dict(parts.best, path=str(ckpt_path.parent / parts.best["path"])
+                    if ckpt_path is not None else None)
     return TrainResult(model=parts.model, config=config, history=parts.history,
                        num_classes=parts.num_classes, resumed_from=resumed_from,
-                       seconds=time.perf_counter() - started)
+                       seconds=time.perf_counter() - started, best=best,
+                       best_state=parts.best_state)
 
 
 def load_trained(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, dict]:
@@ -890,8 +1083,10 @@ def dataset_meta(train_set) -> dict[str, Any]:
     }
 
 
-def save_model(path: str | os.PathLike, result: TrainResult, train_set) -> None:
-    """Save the trained weights with what ``load_trained`` needs to rebuild the model.
+def save_model(path: str | os.PathLike, result: TrainResult, train_set, *,
+               best: bool = False) -> None:
+    """Save the trained weights (the selected epoch's with ``best=True``) with what
+    ``load_trained`` needs to rebuild the model.
 
     Example:
         >>> save_model("model.pt", result, train_set); model, meta = load_trained("model.pt")
@@ -899,7 +1094,7 @@ def save_model(path: str | os.PathLike, result: TrainResult, train_set) -> None:
     save_checkpoint(path, {
         "format": CHECKPOINT_FORMAT,
         "trajectory": result.config.trajectory_fields(),
-        "model": result.model.state_dict(),
+        "model": result.best_model().state_dict() if best else result.model.state_dict(),
         "num_classes": result.num_classes,
         "history": result.history,
         **dataset_meta(train_set),

@@ -89,6 +89,10 @@ def test_reproduce_dry_run_and_list(capsys):
     assert main(["reproduce", "--preset", "demo", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "digits/small_cnn/standard/T=0.1/seed=0" in out and "14 cells" in out
+    assert main(["reproduce", "--preset", "cifar10-gpu-short", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "7 cells" in out and "one H100/H200 (estimated)" in out
+    assert "not a measurement" in out
     assert main(["reproduce", "--list"]) == 0
     listing = capsys.readouterr().out
     assert "demo" in listing and "cifar10" in listing and "paper" in listing

@@ -1,5 +1,5 @@
-"""Corruptions (CIFAR-10-C protocol), perturbation sequences (CIFAR-10-P), CIFAR-10.1 and the
-released-file loaders, and expected calibration error.
+"""Corruptions (CIFAR-10-C, CIFAR-100-C and Tiny-ImageNet-C, each with its own constants),
+CIFAR-10.1, and expected calibration error.
 
 Monotonicity is checked on eight real photo patches (32x32 crops of scikit-learn's two bundled
 sample photographs), measured as the mean absolute difference from the clean image averaged
@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage
-from torch import nn
 
-from tempsoft.robustness import (CORRUPTIONS, PERTURBATIONS, corrupt,
-                                 expected_calibration_error, flip_probability, load_cifar101,
-                                 load_released_c, make_sequence)
+from tempsoft.robustness import (CORRUPTIONS, benchmark_for, corrupt,
+                                 expected_calibration_error, load_cifar101)
 from tempsoft.robustness import corruptions as C
+from tempsoft.robustness._frost import frost_bank
 from tempsoft.robustness.calibration import calibration_bins
 
 PIL = pytest.importorskip("PIL.Image")
@@ -153,7 +152,8 @@ def test_glass_blur_matches_the_reference_loop():
                 dx, dy = rng.integers(-delta, delta, size=(2,))
                 x[h, w], x[h + dy, w + dx] = x[h + dy, w + dx], x[h, w]
     reference = np.rint(np.clip(blur(x / 255.0), 0, 1) * 255).astype(np.uint8)
-    mine = C._glass_blur(image.astype(np.float32) / 255, 4, np.random.default_rng(7), 1.0)
+    mine = C._glass_blur(image.astype(np.float32) / 255, C.corruption_constants("glass_blur", 4),
+                         np.random.default_rng(7), 1.0)
     mine = np.rint(np.clip(mine, 0, 1) * 255).astype(np.uint8)[0].transpose(1, 2, 0)
     assert np.abs(mine.astype(int) - reference.astype(int)).max() <= 1
 
@@ -170,7 +170,7 @@ def test_blur_and_affine_match_opencv_when_installed(photos):
         disk = ((xx ** 2 + yy ** 2) <= radius ** 2).astype(np.float32)
         kernel = cv2.GaussianBlur(disk / disk.sum(), ksize=(3, 3), sigmaX=alias)
         expected = np.stack([[cv2.filter2D(ch, -1, kernel) for ch in img] for img in x])
-        assert np.abs(C._defocus_blur(x, severity, None, 1.0) - expected).max() < 1e-4
+        assert np.abs(C._defocus_blur(x, (radius, alias), None, 1.0) - expected).max() < 1e-4
     jitter = np.random.default_rng(0).uniform(-2.56, 2.56, size=(len(x), 3, 2))
 
     class FixedJitter:
@@ -224,7 +224,137 @@ def test_jpeg_and_pixelate_use_the_protocol_settings(photos):
                           np.asarray(small))
 
 
-# --------------------------------------------------------------------------- errors, released files
+# --------------------------------------------------------------------------- each benchmark's own
+
+# Transcribed again from the reference scripts (hendrycks/robustness, ImageNet-C/create_c/),
+# severity 1..5, to check the tables the package uses.
+MAKE_CIFAR_C = {
+    "gaussian_noise": [0.04, 0.06, .08, .09, .10],
+    "shot_noise": [500, 250, 100, 75, 50],
+    "impulse_noise": [.01, .02, .03, .05, .07],
+    "defocus_blur": [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)],
+    "glass_blur": [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)],
+    "motion_blur": [(6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)],
+    "snow": [(0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
+             (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9), (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
+             (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)],
+    "frost": [(1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)],
+    "fog": [(.2, 3), (.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)],
+    "brightness": [.05, .1, .15, .2, .3],
+    "contrast": [.75, .5, .4, .3, 0.15],
+    "elastic_transform": [(0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06),
+                          (0.1, 0.04, 0.05), (0.1, 0.03, 0.03)],
+    "pixelate": [0.95, 0.9, 0.85, 0.75, 0.65],
+    "jpeg_compression": [80, 65, 58, 50, 40],
+}
+MAKE_TINYIMAGENET_C = {
+    "gaussian_noise": [0.04, 0.08, .12, .15, .18],
+    "shot_noise": [250, 100, 50, 30, 15],
+    "impulse_noise": [.01, .02, .05, .08, .14],
+    "defocus_blur": [(0.5, 0.6), (1, 0.1), (1.5, 0.1), (2.5, 0.01), (3, 0.1)],
+    "glass_blur": [(0.1, 1, 1), (0.5, 1, 1), (0.6, 1, 2), (0.7, 2, 1), (0.9, 2, 2)],
+    "motion_blur": [(10, 1), (10, 1.5), (10, 2), (10, 2.5), (12, 3)],
+    "snow": [(0.1, 0.2, 1, 0.6, 8, 3, 0.8), (0.1, 0.2, 1, 0.5, 10, 4, 0.8),
+             (0.15, 0.3, 1.75, 0.55, 10, 4, 0.7), (0.25, 0.3, 2.25, 0.6, 12, 6, 0.65),
+             (0.3, 0.3, 1.25, 0.65, 14, 12, 0.6)],
+    "frost": [(1, 0.3), (0.9, 0.4), (0.8, 0.45), (0.75, 0.5), (0.7, 0.55)],
+    "fog": [(.4, 3), (.7, 3), (1, 2.5), (1.5, 2), (2, 1.75)],
+    "brightness": [.1, .2, .3, .4, .5],
+    "contrast": [.4, .3, .2, .1, 0.05],
+    "elastic_transform": [(0, 0, 0.08), (0.05, 0.3, 0.06), (0.1, 0.08, 0.06),
+                          (0.1, 0.03, 0.03), (0.16, 0.03, 0.02)],
+    "pixelate": [0.9, 0.8, 0.7, 0.6, 0.5],
+    "jpeg_compression": [65, 58, 50, 40, 25],
+}
+
+
+@pytest.mark.parametrize("dataset, table", [("cifar10", MAKE_CIFAR_C), ("cifar100", MAKE_CIFAR_C),
+                                            (None, MAKE_CIFAR_C), ("digits", MAKE_CIFAR_C),
+                                            ("tinyimagenet", MAKE_TINYIMAGENET_C)])
+def test_each_benchmark_uses_its_reference_constants(dataset, table):
+    for name, values in table.items():
+        for severity, value in enumerate(values, start=1):
+            assert C.corruption_constants(name, severity, dataset) == value, (name, severity)
+    # zoom_blur: np.arange(1, stop, 0.01) with stop 1.06 .. 1.26, the same in both scripts.
+    for severity, stop in enumerate((1.06, 1.11, 1.16, 1.21, 1.26), start=1):
+        assert np.array_equal(C.corruption_constants("zoom_blur", severity, dataset),
+                              np.arange(1, stop, 0.01))
+
+
+def test_benchmark_is_chosen_by_dataset_not_by_image_size():
+    assert benchmark_for("cifar100").corruption_name == "CIFAR-100-C"
+    assert benchmark_for("tinyimagenet/test").corruption_name == "Tiny-ImageNet-C"
+    assert not benchmark_for("imagefolder:pets/test").released
+    assert benchmark_for(None) is benchmark_for("digits")
+    from tempsoft.data import ImageDataset
+    handmade = ImageDataset(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), torch.zeros(1).long(),
+                            ["a"], "my-photos/test", (0.5,) * 3, (0.5,) * 3)
+    assert benchmark_for(handmade) is benchmark_for(None)
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
+        benchmark_for("imagenet")
+
+
+def _tiny_images(n=4):
+    return torch.from_numpy(np.random.default_rng(0).integers(0, 256, (n, 3, 64, 64),
+                                                              dtype=np.uint8))
+
+
+def _jpeg85(batch: torch.Tensor) -> torch.Tensor:
+    """What saving as Tiny-ImageNet-C's JPEG files (quality 85) and reading back gives."""
+    import io
+    out = []
+    for image in batch.permute(0, 2, 3, 1).numpy():
+        buffer = io.BytesIO()
+        PIL.fromarray(image).save(buffer, format="JPEG", quality=85)
+        out.append(np.asarray(PIL.open(io.BytesIO(buffer.getvalue())).convert("RGB")))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
+
+
+def test_tiny_imagenet_c_constants_and_jpeg_storage_are_applied():
+    """Contrast at severity 5 keeps 5% of the contrast on Tiny-ImageNet-C (15% on CIFAR-10-C),
+    and the result is stored as JPEG at quality 85, as the released tree was."""
+    x = _tiny_images()
+    f = x.float() / 255
+    mean = f.mean(dim=(2, 3), keepdim=True)
+    kept = torch.round(((f - mean) * 0.05 + mean).clamp(0, 1) * 255).to(torch.uint8)
+    assert torch.equal(corrupt(x, "contrast", 5, dataset="tinyimagenet"), _jpeg85(kept))
+    # The generic protocol at 64 px keeps CIFAR's 0.15 and stores losslessly.
+    generic = torch.round(((f - mean) * 0.15 + mean).clamp(0, 1) * 255).to(torch.uint8)
+    assert torch.equal(corrupt(x, "contrast", 5), generic)
+
+
+def test_tiny_imagenet_c_pixel_constants_are_not_scaled_from_cifar():
+    """Tiny-ImageNet-C's motion blur is radius 10 / sigma 1 at severity 1, not CIFAR's 6 / 1
+    doubled; at the same seed the generic (scaled) and the benchmark's blur differ."""
+    x = _tiny_images()
+    bench = corrupt(x, "motion_blur", 1, seed=3, dataset="tinyimagenet")
+    generic = corrupt(x, "motion_blur", 1, seed=3)
+    assert not torch.equal(bench, generic)
+    assert C.corruption_constants("motion_blur", 1, "tinyimagenet") == (10, 1)
+
+
+def test_a_benchmark_refuses_images_of_another_size():
+    with pytest.raises(ValueError, match=r"Tiny-ImageNet-C's constants are for 64x64"):
+        corrupt(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "fog", 1, dataset="tinyimagenet")
+    with pytest.raises(ValueError, match=r"CIFAR-100-C's constants are for 32x32"):
+        corrupt(_tiny_images(), "fog", 1, dataset="cifar100")
+    with pytest.raises(ValueError, match=r"RGB"):
+        corrupt(torch.zeros(2, 1, 32, 32, dtype=torch.uint8), "fog", 1, dataset="cifar10")
+
+
+def test_frost_crystals_are_larger_for_tiny_imagenet():
+    """Tiny-ImageNet-C shrinks its frost photos to 30% where CIFAR-10-C uses 20%: the texture
+    bank is drawn 1.5x coarser, so neighbouring pixels differ less."""
+    def roughness(bank):
+        return float(np.abs(np.diff(bank, axis=-1)).mean())
+    fine, coarse = frost_bank(0, 64, 64, 3), frost_bank(0, 64, 64, 3, 1.5)
+    assert fine.shape == coarse.shape == (6, 3, 320, 320)
+    assert roughness(coarse) < 0.8 * roughness(fine)
+    with pytest.raises(ValueError, match="zoom"):
+        frost_bank(0, 32, 32, 3, 0.5)
+
+
+# --------------------------------------------------------------------------- errors
 
 def test_bad_arguments_are_named():
     x = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
@@ -237,97 +367,6 @@ def test_bad_arguments_are_named():
         corrupt(x.float(), "fog", 1)
     with pytest.raises(ValueError, match=r"\(1, 3, 3, 8\)"):
         corrupt(torch.zeros(1, 3, 3, 8, dtype=torch.uint8), "fog", 1)
-
-
-def test_load_released_c(tmp_path):
-    folder = tmp_path / "CIFAR-10-C"
-    folder.mkdir()
-    data = np.arange(5 * 4 * 2 * 2 * 3, dtype=np.int64).astype(np.uint8).reshape(20, 2, 2, 3)
-    np.save(folder / "fog.npy", data)
-    np.save(folder / "labels.npy", np.arange(20, dtype=np.uint8) % 10)
-    images, labels = load_released_c(tmp_path, "fog", 2)           # parent folder works too
-    assert images.shape == (4, 3, 2, 2) and images.dtype == torch.uint8
-    assert torch.equal(images, torch.from_numpy(data[4:8]).permute(0, 3, 1, 2))
-    assert labels.tolist() == [4, 5, 6, 7] and labels.dtype == torch.int64
-    with pytest.raises(FileNotFoundError, match="snow.npy.*zenodo"):
-        load_released_c(folder, "snow", 1)
-
-
-# --------------------------------------------------------------------------- perturbations
-
-@pytest.mark.parametrize("name", PERTURBATIONS)
-def test_sequences_have_protocol_length_and_a_clean_centre(name, photos):
-    seq = make_sequence(photos[:3], name, seed=2)
-    length = 16 if name == "translate" else 31
-    assert seq.shape == (3, length, 3, 32, 32) and seq.dtype == torch.uint8
-    # The parameter sweeps pass through the identity: brightness 0, rotation 0, scale 1,
-    # shear 0 at frame 15, shift 0 at frame 7, and the clean image first for noise.
-    clean_frame = {"translate": 7, "gaussian_noise": 0}.get(name, 15)
-    assert torch.equal(seq[:, clean_frame], photos[:3])
-    assert torch.equal(seq, make_sequence(photos[:3], name, seed=2))
-    # Consecutive frames differ (each step perturbs a little more).
-    assert all(not torch.equal(seq[:, i], seq[:, i + 1]) for i in range(length - 1))
-
-
-def test_sequence_frames_move_as_described():
-    x = torch.zeros(1, 1, 32, 32, dtype=torch.uint8)
-    x[0, 0, 10, 12] = 255
-    translate = make_sequence(x, "translate")
-    assert int(translate[0, 0, 0, 10].argmax()) == 12 - 7          # frame 0: shift -7
-    assert int(translate[0, 15, 0, 10].argmax()) == 12 + 8        # frame 15: shift +8
-    scale = make_sequence(torch.full((1, 1, 32, 32), 200, dtype=torch.uint8), "scale")
-    assert int(scale[0, 0, 0, 0, 0]) == 0                           # 0.7 zoom: black border
-    assert int(scale[0, 30, 0, 0, 0]) == 200                        # 1.3 zoom: no border
-    noise = make_sequence(torch.full((8, 1, 16, 16), 128, dtype=torch.uint8), "gaussian_noise")
-    assert abs(float((noise[:, 1:].float() - 128).std()) - 0.02 * 255) < 0.2
-    assert make_sequence(x, "rotate", length=5).shape == (1, 5, 1, 32, 32)
-    # Small images keep one-pixel translation steps over a proportionally smaller range.
-    digits = make_sequence(torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8), "translate")
-    assert digits.shape[1] == 5
-
-
-def test_sequence_errors():
-    x = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
-    with pytest.raises(ValueError, match="'tilt'"):
-        make_sequence(x, "tilt")
-    with pytest.raises(ValueError, match="length"):
-        make_sequence(x, "rotate", length=1)
-    with pytest.raises(TypeError, match="uint8"):
-        make_sequence(x.float(), "rotate")
-
-
-class _MeanThreshold(nn.Module):
-    """Predicts class 1 when the mean pixel exceeds a threshold, else class 0."""
-
-    def __init__(self, threshold: float) -> None:
-        super().__init__()
-        self.threshold = threshold
-
-    def forward(self, x):
-        high = (x.mean(dim=(1, 2, 3)) > self.threshold).float()
-        return torch.stack([1 - high, high], dim=1)
-
-
-def test_flip_probability_counts_consecutive_changes():
-    # Brightness sweeps the mean monotonically: a threshold model flips exactly once.
-    x = torch.full((4, 3, 8, 8), 100, dtype=torch.uint8)
-    seq = make_sequence(x, "brightness")
-    assert flip_probability(_MeanThreshold(100 / 255), seq) == pytest.approx(1 / 30)
-    assert flip_probability(_MeanThreshold(2.0), seq) == 0.0
-
-
-def test_flip_probability_for_noise_compares_with_the_first_frame():
-    low, high = torch.zeros(1, 1, 4, 4, dtype=torch.uint8), torch.full((1, 1, 4, 4), 255,
-                                                                       dtype=torch.uint8)
-    frames = [low, high, low, high, low]                 # predictions 0, 1, 0, 1, 0
-    seq = torch.stack([f[0] for f in frames]).unsqueeze(0)
-    model = _MeanThreshold(0.5)
-    assert flip_probability(model, seq) == 1.0                                 # every step
-    assert flip_probability(model, seq, name="gaussian_noise") == 0.5          # vs frame 0
-    assert flip_probability(model, seq, relative_to_first=True) == 0.5
-    model.train()
-    flip_probability(model, seq, batch_size=2)
-    assert model.training                                 # the caller's mode is restored
 
 
 def test_load_cifar101(tmp_path):

@@ -341,6 +341,9 @@ def test_tinyimagenet_official_layout(tmp_path):
     assert train.images.shape == (6, 3, 64, 64) and train.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert val.labels.tolist() == [1, 0, 1]
     assert train.classes == ["goldfish", "European fire salamander"]
+    # The WordNet ids name the class folders of Tiny-ImageNet-C/-P: kept in label order.
+    assert val.class_ids == tuple(wnids) and val.ids == tuple(wnids)
+    assert val.subset([0]).class_ids == tuple(wnids)
     with pytest.raises(DatasetNotFoundError, match="tiny-imagenet-200.zip"):
         load_dataset("tinyimagenet", root=tmp_path / "elsewhere")
 
@@ -469,3 +472,141 @@ def test_loader_on_cuda_matches_cpu():
     gpu = DeviceLoader(data, 128, shuffle=True, augment=True, seed=2, device="cuda")
     for (a, ya), (b, yb) in zip(cpu, gpu):
         assert b.is_cuda and torch.equal(a, b.cpu()) and torch.equal(ya, yb.cpu())
+
+
+def test_class_ids_default_to_the_class_names_and_must_match_them():
+    assert _toy().ids == ("a", "b", "c") and _toy().class_ids is None
+    with pytest.raises(ValueError, match="2 class_ids for 3 classes"):
+        dataclasses.replace(_toy(), class_ids=("x", "y"))
+
+
+# --------------------------------------------------------------------------- TrivialAugment
+
+from tempsoft.data import trivialaugment as TA  # noqa: E402
+
+
+def _ta(images, op, bins, negate=False):
+    n = images.shape[0]
+    return TA.trivial_augment(images, torch.full((n,), TA.OPS.index(op)),
+                              torch.as_tensor(bins).expand(n).clone(),
+                              torch.full((n,), negate))
+
+
+def _random_images(n=8, channels=3, size=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=gen)
+
+
+def test_trivialaugment_magnitudes_are_torchvisions_wide_space():
+    # TrivialAugmentWide._augmentation_space(31): shear 0..0.99, translate 0..32 px,
+    # rotate 0..135 degrees, enhancements 0..0.99, posterize 8..2 bits, solarize 255..0.
+    ops = torch.tensor([TA.OPS.index(n) for n in ("shear_x", "translate_y", "rotate",
+                                                   "color", "posterize", "solarize")])
+    last = torch.full((6,), TA.BINS - 1)
+    assert TA.magnitude(ops, last, torch.zeros(6, dtype=torch.bool)).tolist() == \
+        pytest.approx([0.99, 32.0, 135.0, 0.99, 2, 0.0])
+    assert TA.magnitude(ops, torch.zeros(6, dtype=torch.long),
+                        torch.ones(6, dtype=torch.bool)).tolist() == [0, 0, 0, 0, 8, 255]
+    # Signed operations flip sign with the coin; posterize and solarize never do.
+    assert TA.magnitude(ops, last, torch.ones(6, dtype=torch.bool)).tolist() == \
+        pytest.approx([-0.99, -32.0, -135.0, -0.99, 2, 0.0])
+    assert len(TA.OPS) == 14 and TA.BINS == 31
+
+
+def test_trivialaugment_identity_and_zero_magnitude_leave_images_alone():
+    x = _random_images()
+    for op in ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate",
+               "brightness", "contrast", "sharpness", "color"):
+        assert torch.equal(_ta(x, op, 0), x), op
+    assert torch.equal(_ta(x, "posterize", 0), x)                  # 8 bits kept
+
+
+def test_trivialaugment_geometry_follows_torchvision():
+    # translate_x by bin 3 = 3.2 px -> int 3: the content moves right, black enters.
+    shifted = _ta(_random_images(2, size=32), "translate_x", 3)
+    source = _random_images(2, size=32)
+    assert torch.equal(shifted[..., 3:], source[..., :-3])
+    assert int(shifted[..., :3].max()) == 0
+    # Rotating a square image by 90 degrees (bin 20 of 0..135 is 90) is torch.rot90, counter-
+    # clockwise as torchvision's positive angles.
+    square = _random_images(3, size=16)
+    assert torch.equal(_ta(square, "rotate", 20), torch.rot90(square, 1, dims=(2, 3)))
+    # shear_x about the top-left corner: row y reads columns shifted by m (y + 0.5).
+    m = float(TA.magnitude(torch.tensor([1]), torch.tensor([10]), torch.tensor([False])))
+    sheared = _ta(square, "shear_x", 10)
+    y, x_ = 9, 2
+    source_x = int(round(x_ + m * (y + 0.5)))
+    assert torch.equal(sheared[:, :, y, x_], square[:, :, y, source_x])
+
+
+def test_trivialaugment_colour_operations():
+    x = _random_images()
+    xf = x.float()
+    # posterize: bin 20 keeps 8 - round(20 / 5) = 4 bits.
+    bits = int(TA.magnitude(torch.tensor([TA.OPS.index("posterize")]), torch.tensor([20]),
+                            torch.tensor([False])))
+    assert bits == 4 and torch.equal(_ta(x, "posterize", 20), x & 0xF0)
+    # solarize inverts every value at or above the threshold (bin 15: 127.5).
+    assert torch.equal(_ta(x, "solarize", 15), torch.where(xf >= 127.5, 255 - x, x))
+    # brightness 1 + 0.99 * 10 / 30 = 1.33, truncated like torchvision's _blend.
+    factor = torch.tensor(1.0 + 0.99 * 10 / 30, dtype=torch.float64).float()
+    assert torch.equal(_ta(x, "brightness", 10), (factor * xf).clamp(0, 255).to(torch.uint8))
+    # autocontrast stretches each channel to 0..255; a flat channel stays as it is.
+    low = torch.full((2, 3, 8, 8), 100, dtype=torch.uint8)
+    low[0, :, 0, 0] = 50
+    stretched = _ta(low, "autocontrast", 0)
+    assert int(stretched[0].min()) == 0 and int(stretched[0].max()) == 255
+    assert torch.equal(stretched[1], low[1])
+
+
+def _equalize_reference(channel: np.ndarray) -> np.ndarray:
+    """torchvision's per-channel equalize, written out with numpy for one channel."""
+    hist = np.bincount(channel.ravel(), minlength=256)
+    nonzero = hist[hist != 0]
+    step = nonzero[:-1].sum() // 255
+    if step == 0:
+        return channel
+    lut = (np.cumsum(hist) + step // 2) // step
+    lut = np.concatenate([[0], lut[:-1]]).clip(0, 255)
+    return lut[channel].astype(np.uint8)
+
+
+def test_trivialaugment_equalize_matches_the_per_channel_reference():
+    x = _random_images(6, size=16)
+    x[:2] = (x[:2] // 64) * 64                         # few levels
+    x[2] = 77                                          # one level: step 0, unchanged
+    out = _ta(x, "equalize", 0)
+    for i in range(6):
+        for c in range(3):
+            assert np.array_equal(out[i, c].numpy(), _equalize_reference(x[i, c].numpy()))
+
+
+def test_trivialaugment_applies_one_operation_per_image():
+    x = _random_images(len(TA.OPS))
+    ops = torch.arange(len(TA.OPS))
+    bins = torch.full((len(TA.OPS),), 25)
+    negate = torch.zeros(len(TA.OPS), dtype=torch.bool)
+    out = TA.trivial_augment(x, ops, bins, negate)
+    for i, op in enumerate(TA.OPS):
+        assert torch.equal(out[i:i + 1], _ta(x[i:i + 1], op, 25)), op
+    with pytest.raises(ValueError, match="uint8"):
+        TA.trivial_augment(x.float(), ops, bins, negate)
+    with pytest.raises(ValueError, match="shape"):
+        TA.trivial_augment(x, ops[:3], bins, negate)
+
+
+def test_loader_strong_augment_is_reproducible_and_leaves_the_default_stream_alone():
+    data = _toy(40, size=32)
+    plain = [x for x, _ in DeviceLoader(data, 16, shuffle=True, augment=True, seed=3)]
+    loader = DeviceLoader(data, 16, shuffle=True, augment=True, seed=3,
+                          strong_augment="trivialaugment")
+    strong = [x for x, _ in loader]
+    loader.set_epoch(0)
+    assert all(torch.equal(a, b) for a, b in zip(strong, [x for x, _ in loader]))
+    assert any(not torch.equal(a, b) for a, b in zip(plain, strong))
+    # "none" draws nothing extra: the default loader's batches are those of older runs.
+    none = [x for x, _ in DeviceLoader(data, 16, shuffle=True, augment=True, seed=3,
+                                       strong_augment="none")]
+    assert all(torch.equal(a, b) for a, b in zip(plain, none))
+    with pytest.raises(ValueError, match="strong_augment"):
+        DeviceLoader(data, 16, strong_augment="randaugment")

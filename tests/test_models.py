@@ -66,13 +66,16 @@ def test_normalization_lives_inside_the_model():
 
 def test_parameter_counts_match_the_architectures():
     counts = {name: sum(p.numel() for p in build_model(name, 10).parameters())
-              for name in ("resnet18", "preact_resnet18", "vgg16_bn", "wrn28_10")}
+              for name in ("resnet18", "preact_resnet18", "vgg16_bn", "wrn28_10",
+                           "cifar_cnn_wide")}
     # Published sizes for 10 classes: ResNet-18 11.17M, VGG-16-BN (CIFAR head) 14.7M,
     # WRN-28-10 36.5M.
     assert abs(counts["resnet18"] - 11_173_962) == 0
     assert 11.1e6 < counts["preact_resnet18"] < 11.2e6
     assert 14.7e6 < counts["vgg16_bn"] < 14.8e6
     assert 36.4e6 < counts["wrn28_10"] < 36.6e6
+    # airbench94's widths (64, 256, 256) on the cifar_cnn layout: 2.0M.
+    assert counts["cifar_cnn_wide"] == 1_973_186
 
 
 @pytest.mark.parametrize("name", ["resnet", "ResNet-18", "", None])

@@ -48,7 +48,8 @@ def test_default_temperatures_are_log_spaced_from_0p1_to_100_with_1():
     assert all(0.1 < g < 0.5 for g in gaps), gaps   # roughly even steps on a log axis
 
 
-@pytest.mark.parametrize("name, n_cells", [("demo", 14), ("cifar10", 20), ("paper", 540)])
+@pytest.mark.parametrize("name, n_cells", [("demo", 14), ("cifar10", 20), ("paper", 720),
+                                           ("cifar10-gpu-short", 7)])
 def test_shipped_presets_load(name, n_cells):
     preset = load_preset(name)
     assert len(cells(preset)) == n_cells
@@ -69,6 +70,59 @@ def test_gpu_presets_use_the_paper_defaults():
     assert preset.eval["pgd_linf_eps"] == pytest.approx(8 / 255)
     assert preset.adversarial["adv_eps"] == pytest.approx(8 / 255)
     assert preset.adversarial["adv_steps"] == 10
+
+
+@pytest.mark.parametrize("name", ["cifar10", "paper"])
+def test_gpu_presets_follow_the_reference_recipes(name):
+    preset = load_preset(name)
+    if name == "paper":
+        assert preset.models == ["resnet18", "vgg16_bn", "wrn28_10", "vit"]
+        assert preset.datasets == ["cifar10", "cifar100", "tinyimagenet"]
+    # Rice et al.: PGD-10 of 2/255 in train mode, 1,000 held-out images, best epoch kept.
+    adv = rp.train_config(preset, rp.Cell("cifar10", "resnet18", "adversarial", 2.0, 0), None)
+    assert (adv.adv_steps, adv.adv_model_mode, adv.val_examples) == (10, "train", 1000)
+    assert adv.adv_alpha == pytest.approx(2 / 255)
+    std = rp.train_config(preset, rp.Cell("cifar10", "resnet18", "standard", 2.0, 0), None)
+    assert std.val_examples == 0 and std.decay_all_params and std.strong_augment == "none"
+    # The ViT recipe: AdamW, TrivialAugment, no decay on norms/biases/embeddings, and no
+    # label smoothing (it would confound T).
+    vit = rp.train_config(preset, rp.Cell("cifar10", "vit", "standard", 2.0, 0), None)
+    assert (vit.optimizer, vit.strong_augment, vit.decay_all_params) == \
+        ("adamw", "trivialaugment", False)
+    assert vit.label_smoothing == 0.0 and vit.warmup_epochs == 10 and vit.epochs == 300
+    # Only a grid with adversarial cells (which hold out validation images) gets the columns.
+    selection = ["best_epoch", "best_val_acc", "best_val_pgd_acc", "last_clean_acc",
+                 "last_pgd_linf_acc"]
+    has_adversarial = "adversarial" in preset.training
+    assert (rp.result_columns(preset)[-5:] == selection) == has_adversarial
+
+
+def test_the_short_gpu_preset_is_the_grid_in_one_slot():
+    from tempsoft.estimate import estimate_preset
+
+    preset = load_preset("cifar10-gpu-short")
+    assert preset.models == ["cifar_cnn_wide"] and len(preset.temperatures) == 7
+    assert preset.seeds == [0] and preset.training == ["standard"]
+    assert {"clean", "corruption", "pgd_linf", "audit"} <= set(preset.eval["evals"])
+    estimate = estimate_preset(preset)
+    assert estimate.total < 8 * 60 and len(estimate.cells) == 7 and not estimate.missing
+    projection = rp.project(preset)                 # what --dry-run prints
+    assert projection.seconds == pytest.approx(estimate.total)
+    text = str(projection)
+    assert "one H100/H200 (estimated)" in text and "not a measurement" in text
+    assert "once: start-up and CPU image generation" in text
+
+
+def test_the_estimate_counts_model_flops_per_layer():
+    from tempsoft.estimate import forward_flops
+
+    # ResNet-18 (CIFAR stem) is 0.56 GMACs at 32x32; WRN-28-10 5.25 GMACs.
+    assert forward_flops("resnet18", 10, 3, 32) == pytest.approx(1.11e9, rel=0.01)
+    assert forward_flops("wrn28_10", 10, 3, 32) == pytest.approx(10.49e9, rel=0.01)
+    # 64x64 Tiny-ImageNet images cost 4x in a CNN; the ViT keeps 64 tokens (patch 8).
+    assert forward_flops("resnet18", 200, 3, 64) == pytest.approx(
+        4 * forward_flops("resnet18", 200, 3, 32), rel=0.01)
+    assert forward_flops("vit", 10, 3, 64) < 1.1 * forward_flops("vit", 10, 3, 32)
 
 
 # --------------------------------------------------------------------------------------
@@ -198,7 +252,7 @@ def test_reduced_demo_writes_csv_markdown_and_plots(quick_run):
     assert {r["T"] for r in rows} == {0.5, 5.0} and {r["seed"] for r in rows} == {0, 1}
     for r in rows:
         for key in ("clean_acc", "corruption_acc", "pgd_linf_acc", "pgd_l2_acc",
-                    "audit_worst_acc", "ece", "train_acc", "loss_ratio",
+                    "audit_worst_acc", "ece", "ece_T1", "train_acc", "loss_ratio",
                     "grad_logits_norm_ep1", "wrong_class_entropy_norm_ep1"):
             assert isinstance(r[key], float) and math.isfinite(r[key]), (key, r[key])
         assert isinstance(r["trained"], bool) and isinstance(r["collapsed"], bool)
@@ -206,6 +260,7 @@ def test_reduced_demo_writes_csv_markdown_and_plots(quick_run):
         assert 0 <= r["pgd_linf_acc"] <= r["clean_acc"] + 1e-9
     md = (run / "results.md").read_text()
     for title in ("Clean test accuracy", "Corruption accuracy", "PGD-Linf accuracy",
+                  "raw logits: T = 1, as deployed",
                   "Gradient-masking audit", "Did it train?", "wrong-class gradient weights"):
         assert title in md
     assert "| small_cnn |" in md and "±" in md
@@ -282,3 +337,22 @@ def test_results_rows_are_appended_atomically_and_new_columns_kept(tmp_path):
     rows = read_results(path)
     assert rows == [{"cell": "x", "a": 1.5, "b": None}, {"cell": "y", "a": 2.0, "b": [1, 2]}]
     assert not list(tmp_path.glob(".*tmp*"))   # no temporary file left behind
+
+
+def test_adversarial_cell_reports_the_selected_and_the_last_epoch(tmp_path):
+    """With a validation split the cell's model is the best validation-PGD epoch; the last
+    epoch's clean and PGD accuracy are reported beside it."""
+    overrides = ["grid.temperatures=[2.0]", "grid.seeds=[0]", 'grid.training=["adversarial"]',
+                 "train.epochs=2", "train.max_batches=3", "adversarial.steps=2",
+                 "adversarial.val_examples=48", 'eval.evals=["clean", "pgd_linf"]',
+                 "eval.pgd_steps=2", "eval.pgd_examples=48"]
+    summary = reproduce("demo", out_dir=tmp_path, overrides=overrides, progress=False,
+                        log=None)
+    (row,) = read_results(summary.run_dir / "results.csv")
+    assert row["best_epoch"] in (1, 2) and 0 <= row["best_val_pgd_acc"] <= 1
+    assert 0 <= row["last_pgd_linf_acc"] <= row["last_clean_acc"] <= 1
+    slug = rp.cells(load_preset("demo", overrides))[0].slug
+    assert (summary.run_dir / "models" / f"{slug}-best.pt").exists()
+    history = read_results(summary.run_dir / "history" / f"{slug}.csv")
+    assert [h["epoch"] for h in history] == [1, 2] and "val_pgd_acc" in history[0]
+    assert "Last epoch's model" in (summary.run_dir / "results.md").read_text()

@@ -39,6 +39,7 @@ __all__ = [
     "DatasetNotFoundError",
     "ImageDataset",
     "cache_dir",
+    "decode_image_files",
     "load_dataset",
 ]
 
@@ -66,6 +67,9 @@ class ImageDataset:
         name: dataset name ("digits", "cifar10", ...), with the split, e.g. "cifar10/test".
         mean, std: per-channel statistics in [0, 1] units for the model's Normalize layer.
         flip_ok: whether a horizontal flip keeps the label (False for digits).
+        class_ids: the identifier of each class in released benchmark files (Tiny-ImageNet's
+            WordNet ids, which name the class folders of Tiny-ImageNet-C/-P), or None when
+            the class names serve (see ``ids``).
     """
 
     images: torch.Tensor
@@ -75,6 +79,7 @@ class ImageDataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     flip_ok: bool = True
+    class_ids: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.images, torch.Tensor) or self.images.dtype != torch.uint8:
@@ -89,6 +94,8 @@ class ImageDataset:
         channels = self.images.shape[1]
         if len(self.mean) != channels or len(self.std) != channels:
             raise ValueError(f"mean {self.mean} / std {self.std} need {channels} values")
+        if self.class_ids is not None and len(self.class_ids) != len(self.classes):
+            raise ValueError(f"{len(self.class_ids)} class_ids for {len(self.classes)} classes")
         if len(self.labels) and (int(self.labels.min()) < 0
                                  or int(self.labels.max()) >= len(self.classes)):
             raise ValueError(f"labels span [{int(self.labels.min())}, {int(self.labels.max())}] "
@@ -100,6 +107,11 @@ class ImageDataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """Each class's identifier in released files: ``class_ids``, else the class names."""
+        return tuple(self.class_ids) if self.class_ids is not None else tuple(self.classes)
 
     @property
     def channels(self) -> int:
@@ -564,6 +576,17 @@ def _cached_decode(paths: list[Path], labels: np.ndarray, *, tag: str,
     return images, label_tensor
 
 
+def decode_image_files(paths: list[Path], *, tag: str, progress: bool = False) -> torch.Tensor:
+    """Decode image files into one uint8 (N, C, H, W) tensor, cached like the datasets.
+
+    Every file is converted to the mode of the first (grayscale or RGB) and must have its
+    size.  ``tag`` names the collection in the cache file's name and progress bar.
+    """
+    images, _ = _cached_decode(list(paths), np.zeros(len(paths), dtype=np.int64), tag=tag,
+                               image_size=None, progress=progress)
+    return images
+
+
 def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in text)[-60:]
 
@@ -707,7 +730,8 @@ def _load_tinyimagenet(root: Path, split: str, download: bool = False, progress:
     names = _tinyimagenet_names(folder, wnids)
     mean, std = _STATS["tinyimagenet"]
     return ImageDataset(images=images, labels=label_tensor, classes=names,
-                        name=f"tinyimagenet/{split}", mean=mean, std=std, flip_ok=True)
+                        name=f"tinyimagenet/{split}", mean=mean, std=std, flip_ok=True,
+                        class_ids=tuple(wnids))
 
 
 def _tinyimagenet_names(folder: Path, wnids: list[str]) -> list[str]:

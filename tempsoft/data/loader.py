@@ -7,12 +7,18 @@ Python work.  The shuffle order and the crop offsets / flip decisions are drawn 
 ``torch.Generator`` seeded from (seed, epoch) and then moved to the device: the batches are a
 function of (seed, epoch) only, identical on CPU and GPU, and a resumed run that calls
 ``set_epoch(e)`` sees exactly the batches it would have seen.
+
+With ``strong_augment="trivialaugment"`` each image gets one TrivialAugment operation
+(``trivialaugment.py``) before its crop and flip, the order of the TrivialAugment authors' CIFAR
+pipeline.  The operations are drawn from the same per-epoch generator after the crop offsets
+and flips, so the batches of a loader without it are unchanged.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from . import trivialaugment
 from .datasets import ImageDataset
 
 __all__ = ["DeviceLoader", "augment_batch", "crop_padding"]
@@ -78,6 +84,7 @@ class DeviceLoader:
         device: where the batches live; the uint8 images are copied there once.
         seed: base seed; order and augmentation are a function of (seed, epoch).
         drop_last: skip the last incomplete batch.
+        strong_augment: "none", or "trivialaugment" (TrivialAugment wide, before the crop).
 
     Yields:
         (x, y): x float32 (B, C, H, W) in [0, 1] on ``device``, y int64 (B,) on ``device``.
@@ -95,13 +102,19 @@ class DeviceLoader:
 
     def __init__(self, dataset: ImageDataset, batch_size: int, *, shuffle: bool = False,
                  augment: bool = False, device: str | torch.device = "cpu", seed: int = 0,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, strong_augment: str = "none") -> None:
         if not isinstance(dataset, ImageDataset):
             raise TypeError(f"dataset must be an ImageDataset, got {type(dataset).__name__}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if len(dataset) == 0:
             raise ValueError(f"dataset {dataset.name!r} is empty")
+        if strong_augment not in ("none", "trivialaugment"):
+            raise ValueError(f"strong_augment must be 'none' or 'trivialaugment', got "
+                             f"{strong_augment!r}")
+        if strong_augment != "none" and dataset.images.shape[1] not in (1, 3):
+            raise ValueError(f"trivialaugment needs 1 or 3 channels, {dataset.name!r} has "
+                             f"{dataset.images.shape[1]}")
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = bool(shuffle)
@@ -109,6 +122,7 @@ class DeviceLoader:
         self.device = torch.device(device)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
+        self.strong_augment = strong_augment
         self.epoch = 0
         self.pad = crop_padding(dataset.images.shape[2])
         self._images = dataset.images.to(self.device)
@@ -138,12 +152,17 @@ class DeviceLoader:
             # not change which image gets which crop.
             offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=generator)
             flips = (torch.rand(n, generator=generator) < 0.5) if self.dataset.flip_ok else None
+        if self.strong_augment == "trivialaugment":
+            strong = trivialaugment.draw(n, generator)
         order = order.to(self.device)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start:start + self.batch_size]
             images = self._images[index]
+            stop = start + index.shape[0]
+            if self.strong_augment == "trivialaugment":
+                images = trivialaugment.trivial_augment(
+                    images, *(t[start:stop] for t in strong))
             if self.augment:
-                stop = start + index.shape[0]
                 images = augment_batch(
                     images, offsets[start:stop].to(self.device),
                     None if flips is None else flips[start:stop].to(self.device), self.pad)
@@ -151,5 +170,6 @@ class DeviceLoader:
 
     def __repr__(self) -> str:
         return (f"DeviceLoader({self.dataset.name!r}, batch_size={self.batch_size}, "
-                f"shuffle={self.shuffle}, augment={self.augment}, device={str(self.device)!r}, "
+                f"shuffle={self.shuffle}, augment={self.augment}, "
+                f"strong_augment={self.strong_augment!r}, device={str(self.device)!r}, "
                 f"seed={self.seed}, epoch={self.epoch})")

@@ -2,7 +2,7 @@
 
 Public API:
     MODELS: name -> builder, names "resnet18", "preact_resnet18", "vgg16_bn", "wrn28_10",
-        "vit", "vit_tiny", "small_cnn", "cifar_cnn".
+        "vit", "vit_tiny", "small_cnn", "cifar_cnn", "cifar_cnn_wide".
     build_model(name, num_classes, in_channels=3, image_size=32, mean=None, std=None)
     Normalize, NormalizedModel.
 """
@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 from torch import nn
 
-from .cifar_cnn import CifarCNN, cifar_cnn
+from .cifar_cnn import CifarCNN, cifar_cnn, cifar_cnn_wide
 from .head import Head
 from .normalize import Normalize, NormalizedModel
 from .resnet import PreActResNet, ResNet, preact_resnet18, resnet18
@@ -36,6 +36,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "vit_tiny": vit_tiny,
     "small_cnn": small_cnn,
     "cifar_cnn": cifar_cnn,
+    "cifar_cnn_wide": cifar_cnn_wide,
 }
 
 

@@ -7,6 +7,12 @@ parameters. Chosen for 2 CPU cores: it trains at ~1,300-1,600 images/s there (bf
 channels_last; see benchmarks/RESULTS.md) and reaches ~80% CIFAR-10 test accuracy in 5
 epochs, where ResNet-18 (11M parameters) manages ~60 images/s. No logit scaling and no
 label smoothing, which would confound the softmax temperature.
+
+``cifar_cnn_wide`` is the same network at airbench94's widths (64, 256, 256; 2.0M parameters),
+for GPU studies that must finish in minutes; airbench94's other devices (a frozen whitening
+stem, identity-initialized convolutions, lookahead, test-time augmentation, a 1/9 output
+scale and label smoothing 0.2) are left out: the last two would change the temperature the
+loss sees.
 """
 from __future__ import annotations
 
@@ -15,10 +21,11 @@ from torch import nn
 
 from .head import Head
 
-__all__ = ["CifarCNN", "cifar_cnn", "CIFAR_CNN_WIDTHS"]
+__all__ = ["CifarCNN", "cifar_cnn", "cifar_cnn_wide", "CIFAR_CNN_WIDTHS", "AIRBENCH94_WIDTHS"]
 
 CIFAR_CNN_STEM = 24
 CIFAR_CNN_WIDTHS = (32, 64, 128)
+AIRBENCH94_WIDTHS = (64, 256, 256)      # airbench94.py: base width 64, blocks 1x, 4x, 4x
 
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
@@ -47,3 +54,8 @@ class CifarCNN(nn.Module):
 
 def cifar_cnn(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> CifarCNN:
     return CifarCNN(num_classes, in_channels, image_size)
+
+
+def cifar_cnn_wide(num_classes: int = 10, in_channels: int = 3,
+                   image_size: int = 32) -> CifarCNN:
+    return CifarCNN(num_classes, in_channels, image_size, widths=AIRBENCH94_WIDTHS)

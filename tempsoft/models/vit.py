@@ -98,6 +98,11 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
+    def no_weight_decay(self) -> set[str]:
+        """The parameters the timm/DeiT recipe keeps out of weight decay besides biases and
+        LayerNorm weights (which ``decay_free_parameters`` finds by their dimension)."""
+        return {"pos_embed", "cls_token"}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"this vit was built for {self.image_size}x{self.image_size} "

@@ -8,7 +8,8 @@ window frost) over a low-frequency diamond-square haze, slightly blurred and tin
 The blend and the severity constants are the protocol's; the texture statistics (mean about
 0.45, crystal edges a few pixels apart at CIFAR scale) were chosen to resemble the photos, but
 the pixels differ, so frost numbers are comparable with each other, not with the released
-CIFAR-10-C frost files.
+CIFAR-10-C frost files.  Tiny-ImageNet-C shrinks the same photos to 30% before cropping, so its
+crystals are 1.5x larger in pixels: ``frost_bank(..., zoom=1.5)``.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from ._image_ops import next_power_of_two, plasma_fractal
+from ._image_ops import next_power_of_two, plasma_fractal, zoom_matrix
 
 __all__ = ["frost_bank", "BANK_SIZE", "BANK_SCALE"]
 
@@ -84,12 +85,24 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def frost_bank(seed: int, height: int, width: int, channels: int) -> np.ndarray:
+def frost_bank(seed: int, height: int, width: int, channels: int,
+               zoom: float = 1.0) -> np.ndarray:
     """BANK_SIZE frost textures, (BANK_SIZE, channels, BANK_SCALE*height, BANK_SCALE*width)
-    float32 in [0, 1], a pure function of its arguments (cached)."""
+    float32 in [0, 1], a pure function of its arguments (cached).
+
+    ``zoom`` > 1 draws the textures at 1/zoom of the size and enlarges them bilinearly, so the
+    crystals are ``zoom`` times larger in pixels (Tiny-ImageNet-C shrinks its frost photos to
+    30% where CIFAR-10-C shrinks them to 20%: zoom 1.5).
+    """
+    if not (zoom >= 1.0 and math.isfinite(zoom)):
+        raise ValueError(f"zoom must be a finite number >= 1, got {zoom!r}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xF7057]))
     side = BANK_SCALE * max(height, width)
-    maps = np.stack([_texture(rng, side) for _ in range(BANK_SIZE)])
+    drawn = int(math.ceil(side / zoom))
+    maps = np.stack([_texture(rng, drawn) for _ in range(BANK_SIZE)])
+    if drawn != side:
+        resize = zoom_matrix(drawn, side / drawn)[:side]
+        maps = np.clip(np.matmul(np.matmul(resize, maps), resize.T), 0.0, 1.0)
     maps = maps[:, None, :BANK_SCALE * height, :BANK_SCALE * width]
     if channels == 3:
         tint = np.asarray(TINT).reshape(1, 3, 1, 1)

@@ -30,8 +30,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-EVALS = ("clean", "ece", "corruption", "released_c", "perturbation", "cifar101", "pgd_linf",
-         "pgd_l2", "audit")
+EVALS = ("clean", "ece", "corruption", "released_c", "perturbation", "released_p", "cifar101",
+         "pgd_linf", "pgd_l2", "audit")
 
 TRAINED_MARGIN = 0.25
 NEAR_CHANCE_MARGIN = 0.10
@@ -60,9 +60,12 @@ class EvalSettings:
         audit_square_queries: queries of the audit's Square Attack (gradient-free; 0: off).
         corruptions: names from CORRUPTIONS (None: all 15). severities: 1-5.
         corruption_examples: subset size for each corrupted copy (None: the whole test set).
-        perturbations: names from PERTURBATIONS (None: all). perturbation_examples and
-            perturbation_length: how many sequences and frames.
-        released_c_root: folder of the released CIFAR-10-C / CIFAR-100-C .npy files.
+        perturbations: sequence names (None: the ten that the test set's benchmark evaluates,
+            ``perturbation_names``). perturbation_examples and perturbation_length: how many
+            sequences and frames (the length applies to generated sequences only).
+        released_c_root: the released corruption benchmark of the test set's dataset
+            (CIFAR-10-C/, CIFAR-100-C/, Tiny-ImageNet-C/) or a folder holding it.
+        released_p_root: likewise for CIFAR-10-P/, CIFAR-100-P/, Tiny-ImageNet-P/.
         cifar101_root: folder of the CIFAR-10.1 v6 .npy files.
         train_examples: subset of the train set for the health check's train accuracy.
         seed: seeds corruptions, perturbations, subsets and attack starts.
@@ -91,6 +94,7 @@ class EvalSettings:
     perturbation_examples: Optional[int] = 1000
     perturbation_length: Optional[int] = None
     released_c_root: Optional[str] = None
+    released_p_root: Optional[str] = None
     cifar101_root: Optional[str] = None
     train_examples: Optional[int] = 10000
     seed: int = 0
@@ -311,20 +315,24 @@ def _train_fit(model: nn.Module, train_set, train_T: float, s: EvalSettings,
 # The evaluations
 # ======================================================================================
 def _eval_corruptions(model, test_set, s: EvalSettings, cache: EvalCache, device) -> dict:
+    from tempsoft.robustness.benchmarks import benchmark_for
     from tempsoft.robustness.corruptions import CORRUPTIONS, corrupt
 
     names = list(s.corruptions) if s.corruptions else list(CORRUPTIONS)
     unknown = [n for n in names if n not in CORRUPTIONS]
     if unknown:
         raise ValueError(f"unknown corruption {unknown[0]!r}; known: {list(CORRUPTIONS)}")
+    bench = benchmark_for(test_set)
     idx = _subset(len(test_set.labels), s.corruption_examples, s.seed)
     images, labels = test_set.images[idx], test_set.labels[idx]
     out, per_name = {}, []
     for name in names:
         accs = []
         for sev in s.severities:
-            key = ("corruption", test_set.name, name, sev, s.seed, len(idx))
-            bad = cache.get(key, lambda n=name, v=sev: corrupt(images, n, v, seed=s.seed))
+            key = ("corruption", bench.corruption_name, test_set.name, name, sev, s.seed,
+                   len(idx))
+            bad = cache.get(key, lambda n=name, v=sev: corrupt(images, n, v, seed=s.seed,
+                                                               dataset=test_set))
             logits = predict_logits(model, bad, batch_size=s.batch_size, device=device)
             accs.append(_accuracy(logits, labels))
         out[f"corruption_acc/{name}"] = sum(accs) / len(accs)
@@ -333,19 +341,22 @@ def _eval_corruptions(model, test_set, s: EvalSettings, cache: EvalCache, device
     return out
 
 
-def _eval_released_c(model, s: EvalSettings, device) -> dict:
-    from tempsoft.robustness.corruptions import CORRUPTIONS, load_released_c
+def _eval_released_c(model, test_set, s: EvalSettings, device) -> dict:
+    from tempsoft.robustness.corruptions import CORRUPTIONS
+    from tempsoft.robustness.released import load_released_c
 
     if not s.released_c_root:
         raise ValueError("evaluation 'released_c' needs released_c_root (the folder of the "
-                         "CIFAR-10-C / CIFAR-100-C .npy files)")
+                         "released CIFAR-10-C / CIFAR-100-C / Tiny-ImageNet-C files, or one "
+                         "holding it)")
     names = list(s.corruptions) if s.corruptions else list(CORRUPTIONS)
     per_name = []
     out = {}
     for name in names:
         accs = []
         for sev in s.severities:
-            images, labels = load_released_c(s.released_c_root, name, sev)
+            images, labels = load_released_c(s.released_c_root, name, sev, dataset=test_set,
+                                             class_ids=test_set.ids)
             logits = predict_logits(model, images, batch_size=s.batch_size, device=device)
             accs.append(_accuracy(logits, labels))
         out[f"released_c_acc/{name}"] = sum(accs) / len(accs)
@@ -354,26 +365,56 @@ def _eval_released_c(model, s: EvalSettings, device) -> dict:
     return out
 
 
-def _eval_perturbations(model, test_set, s: EvalSettings, cache: EvalCache, device) -> dict:
-    from tempsoft.robustness.perturbations import (PERTURBATIONS, flip_probability,
-                                                    make_sequence)
+def _perturbation_names(test_set, s: EvalSettings) -> list[str]:
+    from tempsoft.robustness.perturbations import SEQUENCES, perturbation_names
 
-    names = list(s.perturbations) if s.perturbations else list(PERTURBATIONS)
-    unknown = [n for n in names if n not in PERTURBATIONS]
+    names = list(s.perturbations) if s.perturbations else list(perturbation_names(test_set))
+    unknown = [n for n in names if n not in SEQUENCES]
     if unknown:
-        raise ValueError(f"unknown perturbation {unknown[0]!r}; known: {list(PERTURBATIONS)}")
+        raise ValueError(f"unknown perturbation {unknown[0]!r}; known: {list(SEQUENCES)}")
+    return names
+
+
+def _eval_perturbations(model, test_set, s: EvalSettings, cache: EvalCache, device) -> dict:
+    from tempsoft.robustness.benchmarks import benchmark_for
+    from tempsoft.robustness.perturbations import flip_probability, make_sequence
+
+    names = _perturbation_names(test_set, s)
+    bench = benchmark_for(test_set)
     idx = _subset(len(test_set.labels), s.perturbation_examples, s.seed)
     images = test_set.images[idx]
     out = {}
     for name in names:
-        key = ("perturbation", test_set.name, name, s.perturbation_length, s.seed, len(idx))
+        key = ("perturbation", bench.perturbation_name, test_set.name, name,
+               s.perturbation_length, s.seed, len(idx))
         seq = cache.get(key, lambda n=name: make_sequence(images, n,
                                                            length=s.perturbation_length,
-                                                           seed=s.seed))
+                                                           seed=s.seed, dataset=test_set))
         # name: noise sequences are scored against their first frame (Hendrycks & Dietterich)
         out[f"flip_prob/{name}"] = float(flip_probability(model, seq, batch_size=s.batch_size,
                                                           device=device, name=name))
     out["flip_prob"] = sum(out[f"flip_prob/{n}"] for n in names) / len(names)
+    return out
+
+
+def _eval_released_p(model, test_set, s: EvalSettings, device) -> dict:
+    from tempsoft.robustness.perturbations import flip_probability
+    from tempsoft.robustness.released import load_released_p, released_sequence_count
+
+    if not s.released_p_root:
+        raise ValueError("evaluation 'released_p' needs released_p_root (the folder of the "
+                         "released CIFAR-10-P / CIFAR-100-P / Tiny-ImageNet-P files, or one "
+                         "holding it)")
+    names = _perturbation_names(test_set, s)
+    out = {}
+    for name in names:
+        total = released_sequence_count(s.released_p_root, name, dataset=test_set)
+        idx = _subset(total, s.perturbation_examples, s.seed)
+        seq, _ = load_released_p(s.released_p_root, name, dataset=test_set,
+                                 class_ids=test_set.ids, indices=idx.tolist())
+        out[f"released_flip_prob/{name}"] = float(flip_probability(
+            model, seq, batch_size=s.batch_size, device=device, name=name))
+    out["released_flip_prob"] = sum(out[f"released_flip_prob/{n}"] for n in names) / len(names)
     return out
 
 
@@ -440,6 +481,47 @@ def _eval_audit(model, test_set, train_T: float, s: EvalSettings, device, log) -
 
 
 # ======================================================================================
+# Result columns
+# ======================================================================================
+def metric_columns(evals: Iterable[str], datasets: Iterable[str],
+                   corruptions: Optional[Sequence[str]] = None,
+                   perturbations: Optional[Sequence[str]] = None) -> list[str]:
+    """The metric keys ``evaluate`` writes for these evaluations on these datasets, in a
+    fixed order (a results table's header; the audit's own columns are left to the caller).
+
+    Example:
+        >>> metric_columns(["clean", "ece"], ["cifar10"])
+        ['ece', 'ece_T1']
+    """
+    from tempsoft.robustness.corruptions import CORRUPTIONS
+    from tempsoft.robustness.perturbations import perturbation_names
+
+    evals = set(_check_evals(evals))
+    c_names = list(corruptions or CORRUPTIONS)
+    p_names: list[str] = list(perturbations or [])
+    if not perturbations:
+        for ds in datasets:
+            p_names += [n for n in perturbation_names(ds) if n not in p_names]
+    cols: list[str] = []
+    if "ece" in evals:
+        cols += ["ece", "ece_T1"]
+    if "corruption" in evals:
+        cols += ["corruption_acc"] + [f"corruption_acc/{n}" for n in c_names]
+    if "released_c" in evals:
+        cols += ["released_c_acc"] + [f"released_c_acc/{n}" for n in c_names]
+    if "perturbation" in evals:
+        cols += ["flip_prob"] + [f"flip_prob/{n}" for n in p_names]
+    if "released_p" in evals:
+        cols += ["released_flip_prob"] + [f"released_flip_prob/{n}" for n in p_names]
+    if "cifar101" in evals:
+        cols.append("cifar101_acc")
+    for norm in ("linf", "l2"):
+        if f"pgd_{norm}" in evals:
+            cols.append(f"pgd_{norm}_acc")
+    return cols
+
+
+# ======================================================================================
 # evaluate
 # ======================================================================================
 def evaluate(model: nn.Module, test_set, evals: Sequence[str] = ("clean",), *,
@@ -451,11 +533,13 @@ def evaluate(model: nn.Module, test_set, evals: Sequence[str] = ("clean",), *,
     Args:
         model: a classifier taking float images in [0, 1]; moved to the device, eval mode.
         test_set: an ``ImageDataset`` (uint8 images, int64 labels).
-        evals: names from ``EVALS``: "clean", "ece", "corruption" (CIFAR-10-C protocol,
-            generated), "released_c" (the released .npy files), "perturbation" (CIFAR-10-P
-            flip probability), "cifar101", "pgd_linf", "pgd_l2", "audit".
-        T: temperature at which the model's probabilities are read (ECE) and, when
-            ``settings.pgd_T`` is None, at which PGD attacks.
+        evals: names from ``EVALS``: "clean", "ece", "corruption" (the test set's corruption
+            benchmark, generated), "released_c" (its released files), "perturbation" (its
+            perturbation benchmark's flip probability, generated), "released_p" (on its
+            released files), "cifar101", "pgd_linf", "pgd_l2", "audit".
+        T: temperature at which the model's probabilities are read (ECE; ``ece_T1`` is
+            always on the raw logits) and, when ``settings.pgd_T`` is None, at which PGD
+            attacks.
         train_T: the temperature the model was trained at (audit, health loss); default T.
         train_set: the training ``ImageDataset``, for the health check's train accuracy and
             loss; without it ``trained`` is judged on the test accuracy.
@@ -465,8 +549,9 @@ def evaluate(model: nn.Module, test_set, evals: Sequence[str] = ("clean",), *,
             result and wall time; None: quiet.
 
     Returns:
-        A flat dict: clean_acc, ece, corruption_acc and corruption_acc/<name>, released_c_acc,
-        flip_prob and flip_prob/<name>, cifar101_acc, pgd_linf_acc, pgd_l2_acc,
+        A flat dict: clean_acc, ece (at T), ece_T1 (raw logits), corruption_acc and
+        corruption_acc/<name>, released_c_acc and released_c_acc/<name>, flip_prob and
+        flip_prob/<name>, released_flip_prob and released_flip_prob/<name>, cifar101_acc, pgd_linf_acc, pgd_l2_acc,
         audit/<attack>, audit_worst_acc, audit_masking, audit_failed_checks, audit_checks,
         audit_dead_gradients, audit_verdict, audit_not_run, audit_autoattack_flags, and the
         health keys of ``health_report`` (trained, collapsed, near_chance, healthy, ...).
@@ -508,16 +593,25 @@ def evaluate(model: nn.Module, test_set, evals: Sequence[str] = ("clean",), *,
     if "ece" in evals:
         from tempsoft.robustness.calibration import expected_calibration_error
 
-        run("ece", lambda: {"ece": float(expected_calibration_error(
-            logits / T, test_set.labels, n_bins=s.ece_bins))}, "ece")
+        # At the training temperature (the model's own probabilities) and on the raw logits
+        # (T = 1: what a deployed model that drops the temperature reports).
+        run("ece", lambda: {
+            "ece": float(expected_calibration_error(logits / T, test_set.labels,
+                                                    n_bins=s.ece_bins)),
+            "ece_T1": float(expected_calibration_error(logits, test_set.labels,
+                                                       n_bins=s.ece_bins))}, "ece")
     if "corruption" in evals:
         run("corruption", lambda: _eval_corruptions(model, test_set, s, cache, device),
             "corruption_acc")
     if "released_c" in evals:
-        run("released_c", lambda: _eval_released_c(model, s, device), "released_c_acc")
+        run("released_c", lambda: _eval_released_c(model, test_set, s, device),
+            "released_c_acc")
     if "perturbation" in evals:
         run("perturbation", lambda: _eval_perturbations(model, test_set, s, cache, device),
             "flip_prob")
+    if "released_p" in evals:
+        run("released_p", lambda: _eval_released_p(model, test_set, s, device),
+            "released_flip_prob")
     if "cifar101" in evals:
         run("cifar101", lambda: _eval_cifar101(model, s, device), "cifar101_acc")
     for norm in ("linf", "l2"):

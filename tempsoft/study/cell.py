@@ -31,7 +31,7 @@ from tempsoft.train import TrainConfig, distributed_info, save_model, train
 
 HISTORY_COLUMNS = ["epoch", "loss", "train_acc", "lr", "seconds", "images_per_s",
                    "grad_logits_norm", "grad_features_norm", "wrong_class_entropy",
-                   "wrong_class_entropy_norm", "logit_std"]
+                   "wrong_class_entropy_norm", "logit_std", "val_acc", "val_pgd_acc"]
 
 
 @dataclass(frozen=True)
@@ -157,8 +157,23 @@ def run_cell(task: CellTask, log: Optional[Callable[[str], None]] = print) -> di
         write_history(history_path, result.history)  # complete, whatever a kill left behind
         save_model(run_dir / "models" / f"{cell.slug}.pt", result, train_set)
         evals, settings = eval_settings(preset, cell, device=task.device)
-        metrics = evaluate(result.model, test_set, evals, T=cell.T, train_T=cell.T,
+        model, selection = result.model, {}
+        if result.best is not None:
+            # The selected epoch is the cell's model; the last epoch's is reported beside it.
+            save_model(run_dir / "models" / f"{cell.slug}-best.pt", result, train_set,
+                       best=True)
+            model = result.best_model()
+            last = evaluate(result.model, test_set, [e for e in ("clean", "pgd_linf")
+                                                     if e == "clean" or e in evals],
+                            T=cell.T, train_T=cell.T, settings=settings, cache=cache)
+            selection = {"best_epoch": result.best["epoch"],
+                         "best_val_acc": result.best["val_acc"],
+                         "best_val_pgd_acc": result.best["val_pgd_acc"],
+                         "last_clean_acc": last["clean_acc"],
+                         "last_pgd_linf_acc": last.get("pgd_linf_acc")}
+        metrics = evaluate(model, test_set, evals, T=cell.T, train_T=cell.T,
                            train_set=train_set, settings=settings, cache=cache, log=log)
+        metrics.update(selection)
     (run_dir / "cells").mkdir(parents=True, exist_ok=True)
     detail = {"cell": cell.id, "config": dataclasses.asdict(config), "history": result.history,
               "metrics": metrics}

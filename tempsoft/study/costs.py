@@ -11,6 +11,10 @@ device, plus each cell's evaluation, from the preset's ``[costs]`` table.
 A key "dataset/model" (quoted in TOML) overrides the model's figure for that dataset (64x64
 Tiny-ImageNet images cost about 4x CIFAR's 32x32).
 
+With ``basis = "estimated"`` the table states no figures: tempsoft/estimate.py computes every
+cell's training and evaluation time on one H100/H200 from the model's FLOPs and the preset's
+passes (its docstring gives the basis), plus the start-up and the CPU image generation.
+
 An adversarially trained cell costs (1 + adversarial.steps) times the standard epoch: each
 step of the inner attack is one more forward and backward pass.
 
@@ -25,7 +29,7 @@ from typing import Any
 
 # Training examples of each dataset's train split (the official splits).
 TRAIN_EXAMPLES = {"digits": 1437, "cifar10": 50000, "cifar100": 50000, "tinyimagenet": 100000}
-BASES = ("measured", "stated")
+BASES = ("measured", "stated", "estimated")
 _KEYS = {"device", "basis", "source", "train_images_per_s", "eval_seconds", "train_examples"}
 
 
@@ -56,7 +60,7 @@ def validate_costs(table: Any, where: str) -> dict[str, Any]:
             if not ok or v < 0 or (key == "train_images_per_s" and v == 0):
                 raise CostsError(f"{where}: costs.{key}.{name} must be a positive number, "
                                  f"got {v!r}")
-    if "train_images_per_s" not in table:
+    if "train_images_per_s" not in table and table["basis"] != "estimated":
         raise CostsError(f"{where}: [costs] needs train_images_per_s = {{ model = images/s }}")
     return table
 
@@ -70,10 +74,12 @@ class Projection:
     source: str
     lines: list[tuple[str, int, float, float, float]]   # group, cells, s/epoch, epochs, s/cell
     missing: list[str]
+    once: float = 0.0          # seconds spent once per study (start-up, CPU image generation)
+    note: str = ""             # what an estimate is based on
 
     @property
     def seconds(self) -> float:
-        return sum(n * per_cell for _, n, _, _, per_cell in self.lines)
+        return self.once + sum(n * per_cell for _, n, _, _, per_cell in self.lines)
 
     def __str__(self) -> str:
         if not self.lines and not self.missing:
@@ -85,7 +91,11 @@ class Projection:
                        f"evaluation) = {n * per_cell / 3600:.2f} h")
         for group in self.missing:
             out.append(f"  {group}: no figures for it in [costs]")
+        if self.once:
+            out.append(f"  once: start-up and CPU image generation, {self.once:.0f} s")
         out.append(f"  total: {_human(self.seconds)} on one worker (parallel workers divide it)")
+        if self.note:
+            out.append(f"  ({self.note})")
         return "\n".join(out)
 
 
@@ -105,6 +115,8 @@ def project(preset) -> Projection:
     costs = preset.costs
     if not costs:
         return Projection("", "", "", [], [])
+    if costs["basis"] == "estimated":
+        return _estimated(preset, costs)
     rates = costs["train_images_per_s"]
     evals = costs.get("eval_seconds", {})
     sizes = {**TRAIN_EXAMPLES, **costs.get("train_examples", {})}
@@ -125,6 +137,27 @@ def project(preset) -> Projection:
                                                          evals.get(model, 0.0))
         lines.append((name, len(members), per_epoch, config.epochs, per_cell))
     return Projection(costs["device"], costs["basis"], costs.get("source", ""), lines, missing)
+
+
+def _estimated(preset, costs) -> Projection:
+    """The projection from tempsoft/estimate.py's per-cell estimate, grouped as above."""
+    from tempsoft.estimate import BASIS, estimate_preset
+    from tempsoft.study.grid import cells, train_config
+
+    estimate = estimate_preset(preset)
+    if estimate.missing:
+        return Projection(costs["device"], costs["basis"], costs.get("source", ""), [],
+                          estimate.missing)
+    groups: dict[str, list] = {}
+    for cell, (_, train_s, eval_s) in zip(cells(preset), estimate.cells):
+        name = f"{cell.dataset} / {cell.model} / {cell.training}"
+        epochs = train_config(preset, cell, checkpoint_dir=None).epochs
+        groups.setdefault(name, []).append((epochs, train_s, eval_s))
+    lines = [(name, len(rows), sum(t for _, t, _ in rows) / sum(e for e, _, _ in rows),
+              rows[0][0], sum(t + v for _, t, v in rows) / len(rows))
+             for name, rows in groups.items()]
+    return Projection(costs["device"], costs["basis"], costs.get("source", ""), lines, [],
+                      once=estimate.startup + estimate.cpu, note=BASIS)
 
 
 __all__ = ["CostsError", "Projection", "TRAIN_EXAMPLES", "project", "validate_costs"]

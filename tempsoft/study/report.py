@@ -44,16 +44,22 @@ def write_report(run_dir: str | os.PathLike) -> list[Path]:
 METRIC_TABLES = [
     ("clean_acc", "Clean test accuracy (%)", 100),
     ("ece", "Expected calibration error (%, 15 bins, softmax at the training T)", 100),
-    ("corruption_acc", "Corruption accuracy (%, generated CIFAR-10-C protocol, mean over "
-     "corruptions x severities)", 100),
-    ("released_c_acc", "Released CIFAR-C accuracy (%, mean over corruptions x severities)",
-     100),
-    ("flip_prob", "Flip probability (%, CIFAR-10-P protocol; lower is more stable)", 100),
+    ("ece_T1", "Expected calibration error (%, 15 bins, raw logits: T = 1, as deployed)", 100),
+    ("corruption_acc", "Corruption accuracy (%, the dataset's -C benchmark generated, mean "
+     "over corruptions x severities)", 100),
+    ("released_c_acc", "Released -C benchmark accuracy (%, mean over corruptions x "
+     "severities)", 100),
+    ("flip_prob", "Flip probability (%, the dataset's -P benchmark generated; lower is more "
+     "stable)", 100),
+    ("released_flip_prob", "Flip probability on the released -P benchmark (%)", 100),
     ("cifar101_acc", "CIFAR-10.1 v6 accuracy (%)", 100),
     ("pgd_linf_acc", "PGD-Linf accuracy (%)", 100),
     ("pgd_l2_acc", "PGD-L2 accuracy (%)", 100),
     ("audit_worst_acc", "Gradient-masking audit: accuracy under all its attacks at once "
      "(%, per image)", 100),
+    ("last_clean_acc", "Last epoch's model (the rows above: the best validation epoch's): "
+     "clean accuracy (%)", 100),
+    ("last_pgd_linf_acc", "Last epoch's model: PGD-Linf accuracy (%)", 100),
 ]
 # Gradient masking (§) inflates only what a gradient attack measures.
 ADVERSARIAL_METRICS = {"pgd_linf_acc", "pgd_l2_acc", "audit_worst_acc"}

@@ -122,32 +122,20 @@ def log_invocation(run_dir: Path, preset: Preset, todo: int, done: int,
 # ======================================================================================
 def result_columns(preset: Preset) -> list[str]:
     """The fixed CSV header for this preset (metric columns follow its evaluations)."""
-    from tempsoft.robustness.corruptions import CORRUPTIONS
+    from tempsoft.robustness.evaluate import metric_columns
+    from tempsoft.study.grid import cells, train_config
+    from tempsoft.train import SELECTION_COLUMNS
 
     evals = set(preset.eval["evals"])
     for ds in preset.datasets:
         evals |= set(preset.dataset_overrides.get(ds, {}).get("eval", {}).get("evals", []))
     cols = CELL_COLUMNS + TRAIN_COLUMNS + HEALTH_COLUMNS
-    if "ece" in evals:
-        cols.append("ece")
-    if "corruption" in evals:
-        names = preset.eval.get("corruptions") or list(CORRUPTIONS)
-        cols += ["corruption_acc"] + [f"corruption_acc/{n}" for n in names]
-    if "released_c" in evals:
-        names = preset.eval.get("corruptions") or list(CORRUPTIONS)
-        cols += ["released_c_acc"] + [f"released_c_acc/{n}" for n in names]
-    if "perturbation" in evals:
-        from tempsoft.robustness.perturbations import PERTURBATIONS
-
-        names = preset.eval.get("perturbations") or list(PERTURBATIONS)
-        cols += ["flip_prob"] + [f"flip_prob/{n}" for n in names]
-    if "cifar101" in evals:
-        cols.append("cifar101_acc")
-    for norm in ("linf", "l2"):
-        if f"pgd_{norm}" in evals:
-            cols.append(f"pgd_{norm}_acc")
+    cols += metric_columns(evals, preset.datasets, preset.eval.get("corruptions"),
+                           preset.eval.get("perturbations"))
     if "audit" in evals:
         cols += AUDIT_COLUMNS
+    if any(train_config(preset, cell, None).val_examples for cell in cells(preset)):
+        cols += SELECTION_COLUMNS
     return cols
 
 
