@@ -197,8 +197,14 @@ class Attack:
             )
 
     def _check_labels_against_model(self, images: Tensor, labels: Tensor) -> None:
-        """IndexError for a label outside [0, C), C read from one no-grad forward of one image."""
-        with torch.no_grad():
+        """IndexError for a label outside [0, C), C read from one no-grad forward of one image.
+
+        That forward runs in eval mode whatever the attack's mode: in train mode it would move
+        batch-norm statistics by a one-image batch.
+        """
+        mode = model_mode(self.model, "eval") if isinstance(self.model, nn.Module) \
+            else contextlib.nullcontext()
+        with torch.no_grad(), mode:
             out = self.model(images[:1].detach())
         if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
