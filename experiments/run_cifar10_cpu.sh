@@ -20,9 +20,9 @@ runs=("$@")
 [ "${#runs[@]}" -gt 0 ] || runs=(cifar10-cpu cifar10-cpu-lrxT cifar10-cpu-at cifar10-cpu-vit)
 out="${OUT:-$repo/experiments/results}"
 export TEMPSOFT_DATA_DIR="$data"   # not a preset setting, so the run's config stays portable
-# OpenMP threads that spin while they wait stall badly when anything else shares the cores
-# (epochs here ran 10x slower next to a compile job); sleeping costs little when alone.
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+# Run it on an otherwise idle machine: the cells use both cores with two OpenMP threads, and
+# anything else running makes them wait for each other (epochs here ran up to 10x slower next
+# to a compile job; OMP_WAIT_POLICY=PASSIVE made quiet epochs 4x slower, so it is not set).
 
 args_for() {
   case "$1" in
