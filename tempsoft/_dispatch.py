@@ -1,15 +1,20 @@
 """Which backend runs an op: the one place that decides.
 
-Backends: "cpu" (C++ kernels in tempsoft._C), "cuda" (CUDA kernels in tempsoft._C),
-"triton" (Triton kernels; CPU tensors only under TRITON_INTERPRET=1), "torch" (the
-pure-PyTorch reference).  "auto" picks cuda > triton for CUDA tensors and cpu > torch
-for CPU tensors; the environment variable TEMPSOFT_BACKEND overrides "auto".
+Backends: "cpu" (C++ kernels, one module per SIMD level: tempsoft._cpu_<level>), "cuda"
+(CUDA kernels in tempsoft._C), "triton" (Triton kernels; CPU tensors only under
+TRITON_INTERPRET=1), "torch" (the pure-PyTorch reference).  "auto" picks cuda > triton for
+CUDA tensors and cpu > torch for CPU tensors; the environment variable TEMPSOFT_BACKEND
+overrides "auto".  Which SIMD level of the C++ kernels runs is decided here too
+(choose_cpu_level; TEMPSOFT_CPU_CAPABILITY forces one).
 """
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import os
 import warnings
+from typing import Optional
 
 import torch
 
@@ -28,11 +33,78 @@ def _native():
 
 
 def native_ops():
-    """torch.ops.tempsoft_C, loading the extension first; raises if it is not built."""
+    """torch.ops.tempsoft_C, with the CPU kernels registered; raises if it is not built."""
     ext, why = _native()
     if ext is None:
         raise RuntimeError(f"tempsoft._C is {why}; reinstall with `pip install .`")
+    _cpu_kernels()
     return torch.ops.tempsoft_C
+
+
+# SIMD capability levels of the C++ CPU kernels, best first (setup.py builds each into its
+# own module, tempsoft._cpu_<level>).
+CPU_LEVELS = ("avx512", "avx2", "default")
+
+
+def choose_cpu_level(built, supported, forced: Optional[str]) -> tuple[Optional[str], str]:
+    """The level of the CPU kernels to load, or None and the reason there is none.
+
+    built: the levels installed; supported: the levels this CPU can run; forced: the value
+    of TEMPSOFT_CPU_CAPABILITY, if set. A level the CPU cannot run is never chosen, forced or
+    not: loading it could raise SIGILL.
+    """
+    if forced:
+        if forced not in CPU_LEVELS:
+            return None, f"TEMPSOFT_CPU_CAPABILITY must be one of {CPU_LEVELS}, got {forced!r}"
+        if forced not in supported:
+            return None, (f"TEMPSOFT_CPU_CAPABILITY={forced}, but this CPU runs only "
+                          f"{', '.join(lv for lv in CPU_LEVELS if lv in supported)}")
+        if forced not in built:
+            return None, (f"TEMPSOFT_CPU_CAPABILITY={forced}, but that level was not built "
+                          f"(built: {', '.join(lv for lv in CPU_LEVELS if lv in built) or 'none'})")
+        return forced, ""
+    for level in CPU_LEVELS:
+        if level in built and level in supported:
+            return level, ""
+    return None, (f"no CPU kernel level this CPU can run was built (built: "
+                  f"{', '.join(lv for lv in CPU_LEVELS if lv in built) or 'none'})")
+
+
+def _cpu_supported_levels() -> frozenset:
+    """The levels this CPU runs, by ATen's own detection (which ATEN_CPU_CAPABILITY lowers)."""
+    capability = torch.backends.cpu.get_cpu_capability().upper()
+    levels = {"default"}
+    if capability in ("AVX2", "AVX512"):
+        levels.add("avx2")
+    if capability == "AVX512":
+        levels.add("avx512")
+    return frozenset(levels)
+
+
+def _cpu_kernels() -> tuple[Optional[str], str]:
+    """The CPU kernels' level, loaded and registered on first use: (level, "") or (None,
+    reason). The extension's schemas come first (tempsoft._C)."""
+    ext, why = _native()
+    if ext is None:
+        return None, why
+    return _load_cpu_level()
+
+
+@functools.lru_cache(maxsize=None)
+def _load_cpu_level() -> tuple[Optional[str], str]:
+    built = {level for level in CPU_LEVELS
+             if importlib.util.find_spec(f"tempsoft._cpu_{level}") is not None}
+    forced = os.environ.get("TEMPSOFT_CPU_CAPABILITY", "").strip().lower() or None
+    level, why = choose_cpu_level(built, _cpu_supported_levels(), forced)
+    if level is None:
+        return None, why
+    importlib.import_module(f"tempsoft._cpu_{level}").register_kernels()
+    return level, ""
+
+
+def cpu_level() -> Optional[str]:
+    """The SIMD level of the C++ CPU kernels in use ("avx512", "avx2", "default"), or None."""
+    return _cpu_kernels()[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,18 +113,41 @@ def _triton_status() -> tuple[bool, str]:
         import triton  # noqa: F401
     except ImportError:
         return False, "triton is not installed"
+    if triton_interpreted():
+        from tempsoft.kernels.triton_support import interpreter_problem
+
+        why = interpreter_problem()
+        if why:
+            return False, why
     return True, ""
 
 
 def deferred_checks() -> bool:
     """TEMPSOFT_DEFERRED_CHECKS=1: no host sync for argument checks on CUDA tensors.
 
-    By default a CUDA call reads back whether any target is out of range (one small sync),
-    so the error is raised by the call that caused it. With deferred checks the CUDA kernel
-    records a bad target itself and the IndexError comes from the next CUDA call or from
-    tempsoft.check_errors(); the offending row's loss is NaN meanwhile.
+    By default a GPU call reads back whether any target is out of range (one small sync),
+    so the error is raised by the call that caused it. With deferred checks the GPU kernel
+    records a bad target itself and the IndexError comes from tempsoft.check_errors() (or,
+    for the CUDA backend, from its next call); the offending row's loss is NaN meanwhile.
+    See defers_checks for everything this changes.
     """
     return os.environ.get("TEMPSOFT_DEFERRED_CHECKS", "0") == "1"
+
+
+# The backends whose kernels guard their own reads and record bad targets on the device.
+_DEFERRING = ("cuda", "triton")
+
+
+def defers_checks(name: str) -> bool:
+    """Whether backend `name` skips the argument checks that read device memory on the host.
+
+    True for the GPU kernels (CUDA and Triton; Triton also under its interpreter) when
+    TEMPSOFT_DEFERRED_CHECKS=1. Such a call makes no host sync: its targets and tensor
+    temperatures are not checked on the host, a bad target gives its row a NaN loss and is
+    raised later by tempsoft.check_errors(), and the gradient is written in the backward
+    pass without reading grad_output on the host.
+    """
+    return name in _DEFERRING and deferred_checks()
 
 
 def triton_interpreted() -> bool:
@@ -66,7 +161,8 @@ def backends() -> dict[str, tuple[bool, str]]:
     """
     ext, why = _native()
     out: dict[str, tuple[bool, str]] = {}
-    out["cpu"] = (ext is not None, "" if ext is not None else why)
+    level, why_cpu = _cpu_kernels()
+    out["cpu"] = (level is not None, why_cpu)
     if torch.version.cuda is None:
         out["cuda"] = (False, "not built (torch has no CUDA)")
     elif ext is None:
