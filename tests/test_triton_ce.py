@@ -15,9 +15,14 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from tempsoft.kernels import reference, triton_ce
-from tempsoft.kernels.reference import GRAD_ZDOT
-from tempsoft.kernels.triton_ce import CE_CONFIGS, CEConfig, ce_config
+import tempsoft
+
+if not tempsoft.backends()["triton"]:
+    pytest.skip(f"Triton unavailable: {tempsoft.backends()['triton']!r}", allow_module_level=True)
+
+from tempsoft.kernels import reference, triton_ce  # noqa: E402
+from tempsoft.kernels.reference import GRAD_ZDOT  # noqa: E402
+from tempsoft.kernels.triton_ce import CE_CONFIGS, CEConfig, ce_config  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IGNORE = -100
