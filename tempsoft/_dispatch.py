@@ -154,38 +154,48 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def available(name: str) -> tuple[bool, str]:
+    """(whether backend `name` can run here, the reason when not), probing only that one."""
+    if name == "torch":
+        return True, ""
+    if name == "cpu":
+        level, why = _cpu_kernels()
+        return level is not None, why
+    if name == "cuda":
+        ext, why = _native()
+        if torch.version.cuda is None:
+            return False, "not built (torch has no CUDA)"
+        if ext is None:
+            return False, why
+        if not ext.has_cuda():
+            return False, "not built (the extension was compiled without CUDA)"
+        if not torch.cuda.is_available():
+            return False, "no CUDA device visible"
+        return True, ""
+    if name == "triton":
+        ok, why = _triton_status()
+        if ok and not (triton_interpreted() or torch.cuda.is_available()):
+            return False, "no CUDA device (set TRITON_INTERPRET=1 to interpret on the CPU)"
+        return ok, why
+    raise ValueError(f"unknown backend {name!r}")
+
+
 def backends() -> dict[str, tuple[bool, str]]:
     """Backend name -> (available, reason when not), for this process and machine.
 
     Example: ``{"cpu": (True, ""), "cuda": (False, "not built (torch has no CUDA)"), ...}``.
     """
-    ext, why = _native()
-    out: dict[str, tuple[bool, str]] = {}
-    level, why_cpu = _cpu_kernels()
-    out["cpu"] = (level is not None, why_cpu)
-    if torch.version.cuda is None:
-        out["cuda"] = (False, "not built (torch has no CUDA)")
-    elif ext is None:
-        out["cuda"] = (False, why)
-    elif not ext.has_cuda():
-        out["cuda"] = (False, "not built (the extension was compiled without CUDA)")
-    elif not torch.cuda.is_available():
-        out["cuda"] = (False, "no CUDA device visible")
-    else:
-        out["cuda"] = (True, "")
-    ok, why_t = _triton_status()
-    if ok and not (torch.cuda.is_available() or triton_interpreted()):
-        ok, why_t = False, "no CUDA device (set TRITON_INTERPRET=1 to interpret on the CPU)"
-    out["triton"] = (ok, why_t)
-    out["torch"] = (True, "")
-    return out
+    return {name: available(name) for name in BACKENDS}
 
 
 _warned_fallback = False
 
 
 def resolve(backend: str, device: torch.device) -> str:
-    """Turn a requested backend into the one that runs on `device`, or raise ValueError."""
+    """Turn a requested backend into the one that runs on `device`, or raise ValueError.
+
+    Called on every op call: it probes only the backends it needs (the probes are cached).
+    """
     if backend not in _CHOICES:
         raise ValueError(f"backend must be one of {_CHOICES}, got {backend!r}")
     if backend == "auto":
@@ -194,16 +204,15 @@ def resolve(backend: str, device: torch.device) -> str:
             if env not in BACKENDS:
                 raise ValueError(f"TEMPSOFT_BACKEND must be one of {_CHOICES}, got {env!r}")
             backend = env
-    avail = backends()
     if backend == "auto":
         order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
         for name in order:
-            if avail[name][0]:
+            if available(name)[0]:
                 if name == "torch" and device.type == "cpu":
-                    _warn_fallback(avail["cpu"][1])
+                    _warn_fallback(available("cpu")[1])
                 return name
         return "torch"
-    ok, why = avail[backend]
+    ok, why = available(backend)
     if not ok:
         raise RuntimeError(f"backend {backend!r} is not available: {why}")
     if backend == "cuda" and device.type != "cuda":

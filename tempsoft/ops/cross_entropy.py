@@ -26,6 +26,7 @@ Where the gradient is written is decided in one place, :func:`_grad_in_forward`:
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Optional
@@ -99,22 +100,35 @@ def _reduction_scale(
     """
     device = target.device
     if reduction != _REDUCTIONS["mean"]:
-        one = torch.ones(1, dtype=acc, device=device)
+        one = _constant(1.0, acc, device)
         return one, one
     if target.is_floating_point():
-        denom = torch.full((1,), float(rows), dtype=acc, device=device)
+        denom = _constant(float(rows), acc, device)
     else:
         valid = target != ignore_index
         if weight is not None or unchecked:
             valid = valid & (target >= 0) & (target < n_classes)
+        if weight is None and device.type == "cpu":
+            # A host read is free here, and then both come from the constant cache.
+            count = float(valid.sum())
+            return _constant(count, acc, device), _constant(1 / count if count else 0.0, acc,
+                                                            device)
         if weight is None:
-            denom = valid.sum().to(acc).reshape(1)
+            denom = valid.sum(dtype=acc).reshape(1)
         else:
             safe = torch.where(valid, target, torch.zeros_like(target))
             denom = (weight[safe] * valid.to(acc)).sum().reshape(1)
-    # All rows ignored: the loss is 0/0 = NaN and the gradient zero, as in PyTorch.
-    scale = torch.where(denom != 0, 1.0 / denom, torch.zeros_like(denom))
+    # All rows ignored: the loss is 0/0 = NaN and the gradient zero, as in PyTorch (1/0 is
+    # inf, mapped to 0; a NaN denominator stays NaN).
+    scale = denom.reciprocal().nan_to_num_(nan=math.nan, posinf=0.0, neginf=0.0)
     return denom, scale
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A (1,) tensor holding `value`, made once: the op's constant temperatures and scales
+    (kernels and the backward only read them)."""
+    return torch.full((1,), value, dtype=dtype, device=device)
 
 
 def _forward(x, target, inv_t, weight, ignore_index, label_smoothing, reduction, grad_mode,
@@ -164,7 +178,14 @@ def _gradient(x, target, inv_t, weight, ignore_index, label_smoothing, row_scale
 # --------------------------------------------------------------------------------------
 # The custom ops (what torch.compile traces) and their autograd formula
 # --------------------------------------------------------------------------------------
-@torch.library.custom_op("tempsoft::cross_entropy", mutates_args=())
+# Explicit schemas: torch < 2.5 cannot infer them from this module's string annotations.
+@torch.library.custom_op(
+    "tempsoft::cross_entropy",
+    mutates_args=(),
+    schema="(Tensor x, Tensor target, Tensor inv_t, Tensor? weight, int ignore_index, "
+    "float label_smoothing, int reduction, bool t_checked, str backend) "
+    "-> (Tensor, Tensor, Tensor)",
+)
 def _ce_op(
     x: Tensor,
     target: Tensor,
@@ -191,7 +212,12 @@ def _(x, target, inv_t, weight, ignore_index, label_smoothing, reduction, t_chec
     return loss, x.new_empty(rows, dtype=acc), x.new_empty(1, dtype=acc)
 
 
-@torch.library.custom_op("tempsoft::cross_entropy_grad", mutates_args=())
+@torch.library.custom_op(
+    "tempsoft::cross_entropy_grad",
+    mutates_args=(),
+    schema="(Tensor x, Tensor target, Tensor inv_t, Tensor? weight, int ignore_index, "
+    "float label_smoothing, Tensor row_scale, int grad_mode, str backend) -> (Tensor, Tensor)",
+)
 def _ce_grad_op(
     x: Tensor,
     target: Tensor,
@@ -279,9 +305,8 @@ class _EagerCrossEntropy(torch.autograd.Function):
 
 
 def _backward(ctx, g_loss, *unused):
-    n_inputs = 9
     if g_loss is None:
-        return (None,) * n_inputs
+        return (None,) * 9  # the custom op's nine inputs
     if torch.is_grad_enabled() and not ctx.via_op:
         # create_graph=True: the saved gradient is a constant here, so a second derivative
         # would silently miss terms. Refuse instead. (Through the custom ops, autograd
@@ -293,15 +318,16 @@ def _backward(ctx, g_loss, *unused):
     x, target, inv_t, weight, lse, grad, zdot, scale = ctx.saved_tensors
     needs_x, needs_target, needs_inv_t, needs_weight = ctx.needs_input_grad[:4]
     none = ctx.reduction == _REDUCTIONS["none"]
-    # The factor of each row's gradient: grad_output / denominator, in the acc dtype.
-    row_scale = scale * (g_loss.to(scale.dtype) if none else g_loss.to(scale.dtype).reshape(1))
     args = (x, target, inv_t, weight, ctx.ignore_index, ctx.label_smoothing)
     dx = None
-    if ctx.grad_in_forward:
-        if needs_x:
-            dx = _scale_saved_grad(grad, g_loss, none, lambda: _gradient(
-                *args, row_scale, GRAD_FULL, ctx.backend)[0])
-    elif needs_x or needs_inv_t:
+    if ctx.grad_in_forward and needs_x:
+        dx = _scale_saved_grad(grad, g_loss, none, lambda: _gradient(
+            *args, _row_scale(scale, g_loss, none), GRAD_FULL, ctx.backend)[0])
+        if not (needs_inv_t or needs_target or needs_weight):
+            return dx, None, None, None, None, None, None, None, None
+    # The factor of each row's gradient: grad_output / denominator, in the acc dtype.
+    row_scale = _row_scale(scale, g_loss, none)
+    if not ctx.grad_in_forward and (needs_x or needs_inv_t):
         mode = GRAD_FULL if needs_x else GRAD_ZDOT
         if ctx.via_op:  # traced by torch.compile: stay inside custom ops
             dx, zdot = _ce_grad_op(*args, row_scale, mode, ctx.backend)
@@ -332,6 +358,11 @@ def _backward(ctx, g_loss, *unused):
             q = target.to(lse.dtype) * (1.0 - eps) + eps / x.shape[1]
             dweight = (coef * q * nlp).sum(dim=0).to(weight.dtype)
     return dx, dtarget, dinv_t, dweight, None, None, None, None, None
+
+
+def _row_scale(scale: Tensor, g_loss: Tensor, none: bool) -> Tensor:
+    g = g_loss.to(scale.dtype)
+    return scale * (g if none else g.reshape(1))
 
 
 def _scale_saved_grad(grad: Tensor, g_loss: Tensor, none: bool, recompute) -> Tensor:
@@ -496,6 +527,9 @@ def _to_rows(input: Tensor, target: Tensor, ignore_index, label_smoothing):
         x2d = input.unsqueeze(0)
         t_rows = target.unsqueeze(0) if prob else target.reshape(1)
         out_shape = ()
+    elif input.dim() == 2:  # already rows (the common case: no view to make)
+        x2d, t_rows = input, target
+        out_shape = input.shape[:1]
     else:
         x2d = input.movedim(1, -1).reshape(-1, n_classes)
         t_rows = target.movedim(1, -1).reshape(-1, n_classes) if prob else target.reshape(-1)
@@ -580,7 +614,7 @@ def _inverse_temperature(T, input: Tensor, rows: int, acc) -> Tensor:
         raise ValueError(
             f"T must be positive and finite (and 1/T representable in {acc}), got T={T}")
     # Checked here, on the host, for free: no kernel looks at a number T again.
-    return torch.full((1,), inv, dtype=acc, device=input.device)
+    return _constant(inv, acc, input.device)
 
 
 def _result_dtype(input: Tensor) -> torch.dtype:
