@@ -108,8 +108,9 @@ def _reduction_scale(
         valid = target != ignore_index
         if weight is not None or unchecked:
             valid = valid & (target >= 0) & (target < n_classes)
-        if weight is None and device.type == "cpu":
-            # A host read is free here, and then both come from the constant cache.
+        if weight is None and device.type == "cpu" and not unchecked:
+            # A host read is free here (but not in the deferred mode, which promises none),
+            # and then both come from the constant cache.
             count = float(valid.sum())
             return _constant(count, acc, device), _constant(1 / count if count else 0.0, acc,
                                                             device)
@@ -178,7 +179,8 @@ def _gradient(x, target, inv_t, weight, ignore_index, label_smoothing, row_scale
 # --------------------------------------------------------------------------------------
 # The custom ops (what torch.compile traces) and their autograd formula
 # --------------------------------------------------------------------------------------
-# Explicit schemas: torch < 2.5 cannot infer them from this module's string annotations.
+# Explicit schemas (the types live there): torch < 2.5 cannot infer a schema from string
+# annotations.
 @torch.library.custom_op(
     "tempsoft::cross_entropy",
     mutates_args=(),
@@ -186,17 +188,8 @@ def _gradient(x, target, inv_t, weight, ignore_index, label_smoothing, row_scale
     "float label_smoothing, int reduction, bool t_checked, str backend) "
     "-> (Tensor, Tensor, Tensor)",
 )
-def _ce_op(
-    x: Tensor,
-    target: Tensor,
-    inv_t: Tensor,
-    weight: Optional[Tensor],
-    ignore_index: int,
-    label_smoothing: float,
-    reduction: int,
-    t_checked: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
+def _ce_op(x, target, inv_t, weight, ignore_index, label_smoothing, reduction, t_checked,
+           backend):
     """Forward only: (loss, lse, 1/denominator); the gradient comes from _ce_grad_op."""
     loss, lse, _, _, scale, _ = _forward(x, target, inv_t, weight, ignore_index,
                                          label_smoothing, reduction, GRAD_NONE, t_checked,
@@ -218,17 +211,8 @@ def _(x, target, inv_t, weight, ignore_index, label_smoothing, reduction, t_chec
     schema="(Tensor x, Tensor target, Tensor inv_t, Tensor? weight, int ignore_index, "
     "float label_smoothing, Tensor row_scale, int grad_mode, str backend) -> (Tensor, Tensor)",
 )
-def _ce_grad_op(
-    x: Tensor,
-    target: Tensor,
-    inv_t: Tensor,
-    weight: Optional[Tensor],
-    ignore_index: int,
-    label_smoothing: float,
-    row_scale: Tensor,
-    grad_mode: int,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
+def _ce_grad_op(x, target, inv_t, weight, ignore_index, label_smoothing, row_scale, grad_mode,
+                backend):
     """(grad, zdot) with grad_scale = row_scale: the gradient written in the backward pass."""
     name = _dispatch.resolve(backend, x.device)
     return _gradient(x, target, inv_t, weight, ignore_index, label_smoothing, row_scale,
@@ -250,15 +234,27 @@ def _setup_context(ctx, inputs, output):
     # the auxiliary outputs on every backward.
     ctx.mark_non_differentiable(lse, scale)
     ctx.set_materialize_grads(False)
+    empty = x.new_empty(0)
+    _keep_for_backward(ctx, (x, target, inv_t, weight, lse, empty, empty, scale), reduction,
+                       label_smoothing, ignore_index, backend, grad_in_forward=False,
+                       inplace=False, via_op=True)
+
+
+def _keep_for_backward(ctx, saved, reduction, label_smoothing, ignore_index, backend, *,
+                       grad_in_forward, inplace, via_op):
+    """Everything _backward reads from ctx, for both paths (custom op and eager).
+
+    saved: (x, target, inv_t, weight, lse, grad, zdot, scale); grad and zdot are empty when
+    the forward pass did not compute them.
+    """
     ctx.reduction = reduction
     ctx.label_smoothing = label_smoothing
     ctx.ignore_index = ignore_index
     ctx.backend = backend
-    ctx.grad_in_forward = False
-    ctx.inplace = False
-    ctx.via_op = True
-    empty = x.new_empty(0)
-    ctx.save_for_backward(x, target, inv_t, weight, lse, empty, empty, scale)
+    ctx.grad_in_forward = grad_in_forward
+    ctx.inplace = inplace
+    ctx.via_op = via_op
+    ctx.save_for_backward(*saved)
 
 
 class _EagerCrossEntropy(torch.autograd.Function):
@@ -289,14 +285,9 @@ class _EagerCrossEntropy(torch.autograd.Function):
             # other autograd node that saved these logits refuses to run on gradients.
             torch.autograd.graph.increment_version(x)
             grad = x
-        ctx.reduction = reduction
-        ctx.label_smoothing = label_smoothing
-        ctx.ignore_index = ignore_index
-        ctx.backend = name
-        ctx.grad_in_forward = in_forward
-        ctx.inplace = inplace
-        ctx.via_op = False
-        ctx.save_for_backward(x, target, inv_t, weight, lse, grad, zdot, scale)
+        _keep_for_backward(ctx, (x, target, inv_t, weight, lse, grad, zdot, scale), reduction,
+                           label_smoothing, ignore_index, name, grad_in_forward=in_forward,
+                           inplace=inplace, via_op=False)
         return loss
 
     @staticmethod
