@@ -72,12 +72,8 @@ struct CeCpuConfig {
   // filling a fresh fp32 tensor): 62 MiB 28 ms with 4 KiB pages vs 4.4 ms with huge
   // pages; at 4-16 MiB glibc reuses its heap and the difference is under 0.1 ms.
   int64_t huge_page_min_bytes;
-  // Gradients at least this large are written with streaming stores (pass 2): beyond a
-  // few MiB the next reader finds little of it in cache anyway, and plain stores would
-  // first read every destination line.
-  int64_t stream_min_bytes;
 };
-constexpr CeCpuConfig kConfig{2048, 1 << 15, int64_t(32) << 20, int64_t(4) << 20};
+constexpr CeCpuConfig kConfig{2048, 1 << 15, int64_t(32) << 20};
 
 int64_t grain_rows(int64_t cols) {
   return std::max<int64_t>(1, kConfig.min_elems_per_task / std::max<int64_t>(cols, 1));
@@ -161,7 +157,6 @@ struct Params {
   bool prob;            // probability targets
   bool zdot;            // grad_mode != none: zdot (sed in pass 1); the gradient is written
                         // where the row's gradient pointer is not null
-  bool stream;          // write the gradient with streaming stores (kConfig.stream_min_bytes)
 };
 
 // Whether pass 2 takes exp(d_c) from pass 1 (rows of one block) or recomputes it from x.
@@ -284,44 +279,17 @@ Sums pass1_block(const acc_t* x, const acc_t* w, const acc_t* q, int64_t n, acc_
 }
 
 // ------------------------------------------------------------------------------------
-// Pass 2: the gradient of one block, g_c = coef * exp(d_c) - k * (term_c) - [c == y] y_sub
+// Pass 2: the gradient of one block, g_c = coef * exp(d_c) - k * (term_c)
 // ------------------------------------------------------------------------------------
-// Streaming (non-temporal) stores write a gradient too large to stay in cache straight to
-// memory, without first reading each destination line (a plain store's read-for-ownership
-// makes writing a buffer cost as much memory traffic as copying it). They need vector-aligned
-// addresses; the first lanes of a row up to that alignment and its tail use plain stores.
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr bool kCanStream = true;
-inline void stream_store(float* p, const Vectorized<float>& v) { _mm512_stream_ps(p, v); }
-inline void stream_store(double* p, const Vectorized<double>& v) { _mm512_stream_pd(p, v); }
-#elif defined(CPU_CAPABILITY_AVX2)
-constexpr bool kCanStream = true;
-inline void stream_store(float* p, const Vectorized<float>& v) { _mm256_stream_ps(p, v); }
-inline void stream_store(double* p, const Vectorized<double>& v) { _mm256_stream_pd(p, v); }
-#else
-constexpr bool kCanStream = false;
-template <typename acc_t>
-inline void stream_store(acc_t* p, const Vectorized<acc_t>& v) { v.store(p); }
-#endif
-
-// Orders this thread's streaming stores before whatever reads the gradient next.
-inline void stream_fence() {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  _mm_sfence();
-#endif
-}
-
 // kFromX: exp(d_c) = exp((x_c - m) t) recomputed from x (src = x); else read (src = e).
-// y_local: the target's column within this block (its gradient loses y_sub), or -1.
 // g may be x itself: each vector of x is loaded before the same vector of g is stored.
-template <typename acc_t, Terms kTerms, bool kFromX, bool kStream>
+template <typename acc_t, Terms kTerms, bool kFromX>
 void pass2_block(const acc_t* src, const acc_t* w, const acc_t* q, int64_t n, acc_t m, acc_t t,
-                 acc_t coef, acc_t k, acc_t one_m_eps, acc_t eps_c, int64_t y_local,
-                 acc_t y_sub, acc_t* g) {
+                 acc_t coef, acc_t k, acc_t one_m_eps, acc_t eps_c, acc_t* g) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const Vec cv(coef), kv(k), mv(m), tv(t);
-  auto value = [&](int64_t i, int64_t count) {
+  auto step = [&](int64_t i, int64_t count) {
     Vec ex;
     if constexpr (kFromX) {
       ex = exp_nonpos((Vec::loadu(src + i, count) - mv) * tv);
@@ -335,25 +303,11 @@ void pass2_block(const acc_t* src, const acc_t* w, const acc_t* q, int64_t n, ac
       const Vec qq = Vec::loadu(q + i, count) * Vec(one_m_eps) + Vec(eps_c);
       out = out - kv * Vec::loadu(w + i, count) * qq;
     }
-    if (y_local >= i && y_local < i + count) {
-      alignas(64) acc_t lanes[V];
-      out.store(lanes);
-      lanes[y_local - i] -= y_sub;
-      out = Vec::loadu(lanes);
-    }
-    return out;
+    out.store(g + i, count);
   };
   int64_t i = 0;
-  if constexpr (kStream) {
-    constexpr int64_t kAlign = V * int64_t(sizeof(acc_t));
-    const int64_t off = int64_t(reinterpret_cast<uintptr_t>(g) % kAlign) / int64_t(sizeof(acc_t));
-    const int64_t head = std::min(n, off == 0 ? int64_t(0) : V - off);
-    if (head > 0) value(0, head).store(g, head);
-    for (i = head; i + V <= n; i += V) stream_store(g + i, value(i, V));
-  } else {
-    for (; i + V <= n; i += V) value(i, V).store(g + i);
-  }
-  if (i < n) value(i, n - i).store(g + i, n - i);
+  for (; i + V <= n; i += V) step(i, V);
+  if (i < n) step(i, n - i);
 }
 
 // ------------------------------------------------------------------------------------
@@ -481,22 +435,14 @@ class RowKernel {
       } else {
         gb = sc_.gs.data();
       }
-      const int64_t y_local = y_fix >= c0 && y_fix < c0 + n ? y_fix - c0 : -1;
-      const acc_t y_sub = acc_t(gst * g_y_fix);
-      const acc_t* src = from_x ? as_acc(x + c0, n, sc_.xs) : sc_.e.data() + c0;
-      auto run = [&](auto from_x_tag, auto stream_tag) {
-        pass2_block<acc_t, kTerms, decltype(from_x_tag)::value, decltype(stream_tag)::value>(
-            src, p_.w + c0, qb, n, m, t, coef, k, p_.one_m_eps, p_.eps_c, y_local, y_sub, gb);
-      };
-      using Yes = std::true_type;
-      using No = std::false_type;
-      // Streaming needs the gradient itself as the destination (not a staging buffer).
-      const bool stream = kCanStream && p_.stream && std::is_same_v<scalar_t, acc_t>;
       if (from_x) {
-        stream ? run(Yes{}, Yes{}) : run(Yes{}, No{});
+        pass2_block<acc_t, kTerms, true>(as_acc(x + c0, n, sc_.xs), p_.w + c0, qb, n, m, t,
+                                         coef, k, p_.one_m_eps, p_.eps_c, gb);
       } else {
-        stream ? run(No{}, Yes{}) : run(No{}, No{});
+        pass2_block<acc_t, kTerms, false>(sc_.e.data() + c0, p_.w + c0, qb, n, m, t, coef, k,
+                                          p_.one_m_eps, p_.eps_c, gb);
       }
+      if (y_fix >= c0 && y_fix < c0 + n) gb[y_fix - c0] -= acc_t(gst * g_y_fix);
       if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(gb, g + c0, n);
     }
     return out;
@@ -623,7 +569,6 @@ void ce_rows_impl(const at::Tensor& x, const at::Tensor& target, const at::Tenso
   p.prob = target.is_floating_point();
   p.zdot = grad_mode != kGradNone;
   const bool write = grad_mode == kGradFull;
-  p.stream = write && M * C * int64_t(sizeof(scalar_t)) >= kConfig.stream_min_bytes;
   p.w = weight.data_ptr<acc_t>();
   double W = 0;
   for (int64_t c = 0; c < C; ++c) W += p.w[c];
@@ -652,7 +597,6 @@ void ce_rows_impl(const at::Tensor& x, const at::Tensor& target, const at::Tenso
       lsep[i] = acc_t(r.lse);
       if (zdotp) zdotp[i] = acc_t(r.zdot);
     }
-    if (p.stream) stream_fence();
   });
 }
 
