@@ -46,7 +46,7 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 INSTALL_REQUIRES = [
-    "torch>=2.4",
+    "torch>=2.6",          # the oldest stack CI tests (.ci/run), with triton 3.2
     "numpy",
     "tqdm",
     "matplotlib",
@@ -57,9 +57,9 @@ INSTALL_REQUIRES = [
     "pyautoattack>=0.2",   # the reference AutoAttack and Square Attack in the audit
 ]
 EXTRAS_REQUIRE = {
-    "triton": ["triton>=3.0"],
+    "triton": ["triton>=3.2"],
     "test": ["pytest", "hypothesis", "pytest-benchmark"],
-    "bench": ["triton>=3.0", "liger-kernel"],
+    "bench": ["triton>=3.2", "liger-kernel"],
 }
 
 # SIMD capability levels of the CPU kernels, lowest first, and their -march-free flags.

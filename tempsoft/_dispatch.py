@@ -107,12 +107,21 @@ def cpu_level() -> Optional[str]:
     return _cpu_kernels()[0]
 
 
+# The oldest Triton the kernels are tested with (CI: tools/check_triton.py and the test suite
+# under the interpreter); setup.py declares the same floor.
+TRITON_MIN = (3, 2)
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_status() -> tuple[bool, str]:
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         return False, "triton is not installed"
+    version = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2])
+    if version < TRITON_MIN:
+        return False, (f"triton {triton.__version__} is older than "
+                       f"{'.'.join(map(str, TRITON_MIN))}, the oldest tempsoft is tested with")
     if triton_interpreted():
         from tempsoft.kernels.triton_support import interpreter_problem
 

@@ -34,11 +34,12 @@ def _count_kernel(out_ptr, n, BLOCK: tl.constexpr):
 def interpreter_problem() -> str:
     """Why the Triton interpreter cannot run tempsoft's kernels here, or "" when it can.
 
-    Every kernel walks its rows with `range` over a runtime bound. Triton 3.6's interpreter
-    turns that bound into a Python int with int() of a one-element array, which NumPy >= 2.4
-    refuses ("only 0-dimensional arrays can be converted to Python scalars"; Triton 3.8
-    squeezes the array first). Compiled kernels are unaffected. Runs one tiny interpreted
-    kernel; call it only under TRITON_INTERPRET=1.
+    Runs one tiny interpreted kernel with what every kernel relies on (a `range` over a
+    runtime bound, block-shaped accumulators); call it only under TRITON_INTERPRET=1.
+    The known failure: Triton 3.6's interpreter turns a runtime bound into a Python int with
+    int() of a one-element array, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can
+    be converted to Python scalars"; Triton 3.8 squeezes the array first). Compiled kernels
+    are unaffected.
     """
     out = torch.zeros(1, dtype=torch.int32)
     try:
@@ -46,8 +47,8 @@ def interpreter_problem() -> str:
     except Exception as exc:  # noqa: BLE001 - whatever the interpreter raises
         import numpy
 
-        return (f"the Triton {triton.__version__} interpreter fails with NumPy "
-                f"{numpy.__version__} ({exc!r:.120}); use NumPy < 2.4 or Triton >= 3.8")
+        return (f"the Triton {triton.__version__} interpreter cannot run the kernels with "
+                f"NumPy {numpy.__version__} ({exc!r:.160})")
     if int(out) != 5:
         return f"the Triton {triton.__version__} interpreter counted {int(out)} of 5"
     return ""
