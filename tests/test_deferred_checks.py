@@ -17,6 +17,9 @@ import tempsoft
 pytestmark = [
     pytest.mark.skipif(not tempsoft.backends()["triton"],
                        reason=f"Triton unavailable: {tempsoft.backends()['triton']!r}"),
+    pytest.mark.skipif(torch.cuda.is_available(),
+                       reason="CPU tensors through the interpreter; with a GPU, tests/test_gpu.py "
+                              "runs these checks on CUDA tensors"),
     # The interpreter evaluates both sides of every tl.where, so masked lanes warn about
     # log(0) and 0 * inf in numpy; the results are selected away.
     pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),

@@ -775,28 +775,41 @@ sys.exit(0 if worst < 1e-4 and pgd_equal else 1)
 """
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or
-                    torch.cuda.get_device_capability()[0] < 9, reason="needs an sm_90+ GPU")
-def test_ptx_jit_build_gives_correct_results_on_cluster_sized_rows(tmp_path):
-    """Built for "8.0+PTX", the driver JIT-compiles sm_80 code on this sm_90 GPU: that code
-    has no cluster barriers, so the kernels must not launch clusters. Builds the extension
-    (CUDA kernels only for compute_80, one CPU level) into a scratch directory and runs the
-    shapes that get clusters on sm_90 in a fresh process."""
-    _row_kernel("cuda")
+def build_ptx_extension(out_dir) -> "pathlib.Path":
+    """Build tempsoft._C for TORCH_CUDA_ARCH_LIST="8.0+PTX" (one CPU level) under out_dir;
+    returns the library. benchmarks/device_check.sh runs this alongside its main build."""
     import pathlib
     import subprocess
     import sys
 
     root = pathlib.Path(__file__).resolve().parents[1]
+    out_dir = pathlib.Path(out_dir)
     env = {**os.environ, "TORCH_CUDA_ARCH_LIST": "8.0+PTX", "TEMPSOFT_CPU_LEVELS": "default",
-           "TEMPSOFT_REQUIRE_EXT": "1", "MAX_JOBS": str(os.cpu_count() or 4)}
+           "TEMPSOFT_REQUIRE_EXT": "1", "MAX_JOBS": os.environ.get("MAX_JOBS",
+                                                                   str(os.cpu_count() or 4))}
     build = subprocess.run(
-        [sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
-         "--build-temp", str(tmp_path / "tmp")],
+        [sys.executable, "setup.py", "build_ext", "--build-lib", str(out_dir / "lib"),
+         "--build-temp", str(out_dir / "tmp")],
         cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-4000:]
-    (lib,) = (tmp_path / "lib" / "tempsoft").glob("_C.*")
+    (lib,) = (out_dir / "lib" / "tempsoft").glob("_C.*")
+    return lib
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or
+                    torch.cuda.get_device_capability()[0] < 9, reason="needs an sm_90+ GPU")
+def test_ptx_jit_build_gives_correct_results_on_cluster_sized_rows(tmp_path):
+    """Built for "8.0+PTX", the driver JIT-compiles sm_80 code on this sm_90 GPU: that code
+    has no cluster barriers, so the kernels must not launch clusters. Runs the shapes that get
+    clusters on sm_90 in a fresh process with that build (TEMPSOFT_PTX_LIB, made by
+    benchmarks/device_check.sh, or built here into a scratch directory)."""
+    _row_kernel("cuda")
+    import pathlib
+    import subprocess
+    import sys
+
+    lib = os.environ.get("TEMPSOFT_PTX_LIB") or build_ptx_extension(tmp_path)
+    root = pathlib.Path(__file__).resolve().parents[1]
     run = subprocess.run([sys.executable, "-c", _PTX_CHECK, str(lib)], cwd=root,
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "CUDA_CACHE_DISABLE": "1"})
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr[-4000:]

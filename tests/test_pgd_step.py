@@ -196,6 +196,8 @@ def test_triton_launchers_enter_the_tensors_device(monkeypatch):
     """Triton launches on the current device; both launchers first make the tensors' device
     current (tempsoft.kernels.triton_support.on_device). Multi-GPU runs are in test_gpu.py."""
     _skip_unavailable("triton")
+    if CUDA:
+        pytest.skip("CPU tensors through the interpreter; test_gpu.py covers the GPU")
     from tempsoft.kernels import triton_ce, triton_pgd
     from tempsoft.kernels.triton_support import on_device
 
