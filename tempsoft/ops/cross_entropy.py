@@ -125,10 +125,16 @@ def _reduction_scale(
     return denom, scale
 
 
-@functools.lru_cache(maxsize=64)
 def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A (1,) tensor holding `value`, made once: the op's constant temperatures and scales
-    (kernels and the backward only read them)."""
+    """A (1,) tensor holding `value`: the op's constant temperatures and scales, made once
+    in eager mode (kernels and the backward only read them); torch.compile traces a fill."""
+    if torch.compiler.is_compiling():
+        return torch.full((1,), value, dtype=dtype, device=device)
+    return _cached_constant(value, dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.full((1,), value, dtype=dtype, device=device)
 
 
