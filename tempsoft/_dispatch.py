@@ -70,15 +70,39 @@ def choose_cpu_level(built, supported, forced: Optional[str]) -> tuple[Optional[
                   f"{', '.join(lv for lv in CPU_LEVELS if lv in built) or 'none'})")
 
 
+# The CPU features (as /proc/cpuinfo names them) that each level's compiler flags assume.
+_LEVEL_NEEDS = {
+    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},
+    "avx2": {"avx2", "fma", "f16c"},
+    "default": set(),
+}
+
+
 def _cpu_supported_levels() -> frozenset:
-    """The levels this CPU runs, by ATen's own detection (which ATEN_CPU_CAPABILITY lowers)."""
+    """The levels this CPU runs: ATen's own choice (ATEN_CPU_CAPABILITY included), and, where
+    /proc/cpuinfo says what the CPU has, no level that needs a feature it lacks."""
     capability = torch.backends.cpu.get_cpu_capability().upper()
     levels = {"default"}
     if capability in ("AVX2", "AVX512"):
         levels.add("avx2")
     if capability == "AVX512":
         levels.add("avx512")
+    flags = _cpu_flags()
+    if flags:
+        levels = {level for level in levels if _LEVEL_NEEDS[level] <= flags}
     return frozenset(levels)
+
+
+def _cpu_flags() -> set:
+    """The CPU's feature flags from /proc/cpuinfo (Linux), or an empty set."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def _cpu_kernels() -> tuple[Optional[str], str]:

@@ -130,6 +130,16 @@ def test_no_level_that_cannot_run_is_ever_chosen(built, supported, forced, why):
     assert level is None and why in reason
 
 
+def test_the_cpu_features_bound_what_aten_claims(monkeypatch):
+    """ATEN_CPU_CAPABILITY=avx512 makes ATen claim AVX-512 on any CPU; the CPU's own flags
+    (where /proc/cpuinfo gives them) still keep a level it lacks from loading."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(_dispatch, "_cpu_flags", lambda: {"sse2", "avx", "avx2", "fma", "f16c"})
+    assert _dispatch._cpu_supported_levels() == {"default", "avx2"}
+    monkeypatch.setattr(_dispatch, "_cpu_flags", set)  # flags unknown: trust ATen
+    assert _dispatch._cpu_supported_levels() == {"default", "avx2", "avx512"}
+
+
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=120)
