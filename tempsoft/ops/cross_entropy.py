@@ -127,8 +127,11 @@ def _reduction_scale(
 
 def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A (1,) tensor holding `value`: the op's constant temperatures and scales, made once
-    in eager mode (kernels and the backward only read them); torch.compile traces a fill."""
-    if torch.compiler.is_compiling():
+    in eager mode (kernels and the backward only read them). torch.compile traces a fill,
+    and so does a CUDA graph capture (a cached tensor made there would live in the graph's
+    memory pool)."""
+    if torch.compiler.is_compiling() or (
+            device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return torch.full((1,), value, dtype=dtype, device=device)
     return _cached_constant(value, dtype, device)
 
