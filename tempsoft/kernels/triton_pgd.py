@@ -41,6 +41,7 @@ def _max_nan(a, b):
 def _clamp_nan(v, lo, hi):
     return _min_nan(_max_nan(v, lo), hi)
 
+
 @triton.jit
 def _sign(g):
     # 1, -1 or 0; NaN compares false both ways, so a NaN gradient gives no step.
