@@ -7,27 +7,30 @@ torch's ABI, so build isolation must be off)::
     pip install --no-build-isolation -e .          # or: python setup.py build_ext --inplace
 
 What is compiled:
-  * csrc/module.cpp + csrc/cpu/*.cpp  -> tempsoft._C (C++17, -O3, OpenMP, at::vec SIMD).
-  * + csrc/cuda/*.cpp and csrc/cuda/*.cu with -DTEMPSOFT_WITH_CUDA, when the installed torch
-    has CUDA (torch.version.cuda) and nvcc is found (CUDA_HOME, else nvcc on PATH).
+  * csrc/module.cpp -> tempsoft._C: the op schemas, compiled without SIMD flags (it loads on
+    any CPU); + csrc/cuda/*.cpp and csrc/cuda/*.cu with -DTEMPSOFT_WITH_CUDA, when the
+    installed torch has CUDA (torch.version.cuda) and nvcc is found (CUDA_HOME, else nvcc on
+    PATH).
+  * csrc/cpu/*.cpp once per SIMD capability level -> tempsoft._cpu_default, _cpu_avx2 and
+    _cpu_avx512 on x86-64 (only _cpu_default elsewhere): C++17, -O3, OpenMP, at::vec SIMD at
+    that level. At run time tempsoft loads the best level the CPU supports (as ATen does
+    with its CPU_CAPABILITY), so one build runs on any x86-64 CPU; TEMPSOFT_CPU_CAPABILITY
+    forces a level at run time.
 
 Environment knobs (all optional):
-  TEMPSOFT_CPU_CAPABILITY  auto (default) | avx512 | avx2 | default.  "auto" picks the best
-      SIMD level the *build* machine supports, so the binary may not run on an older CPU:
-      set "avx2" (any x86-64 CPU since 2013) or "default" (no SIMD flags) to build a
-      binary for other machines.  Non-x86 machines always use "default" (plus the
-      compiler's own baseline, e.g. NEON on aarch64).
+  TEMPSOFT_CPU_LEVELS      comma-separated subset of default,avx2,avx512 to build (default:
+      all that the platform has; a subset builds faster, e.g. for development).
   TEMPSOFT_BUILD_EXT=0     skip the extension (pure-Python install; the "torch" backend
       serves every op).
-  TEMPSOFT_REQUIRE_EXT=1   fail the install when the extension does not compile (by default
-      a failed compile warns and installs without it).
+  TEMPSOFT_REQUIRE_EXT=1   fail the install when a module does not compile (by default a
+      failed compile warns and installs without that module).
   TEMPSOFT_WITH_CUDA=0     build the CPU kernels only, even when CUDA is available.
   TORCH_CUDA_ARCH_LIST     CUDA targets; defaults to "8.0;9.0" (A100, H100) when unset.
   CUDA_HOME                the CUDA toolkit to use.
   MAX_JOBS                 parallel compile jobs for ninja.
 
 Builds are incremental: ninja recompiles only the sources that changed (build/ keeps the
-object files).
+object files, one directory per module).
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 INSTALL_REQUIRES = [
-    "torch>=2.4",
+    "torch>=2.6",          # the oldest stack CI tests (.ci/run), with triton 3.2
     "numpy",
     "tqdm",
     "matplotlib",
@@ -54,26 +57,23 @@ INSTALL_REQUIRES = [
     "pyautoattack>=0.2",   # the reference AutoAttack and Square Attack in the audit
 ]
 EXTRAS_REQUIRE = {
-    "triton": ["triton>=3.0"],
+    "triton": ["triton>=3.2"],
     "test": ["pytest", "hypothesis", "pytest-benchmark"],
-    "bench": ["triton>=3.0", "liger-kernel"],
+    "bench": ["triton>=3.2", "liger-kernel"],
     "ray": ["ray>=2.9"],              # tempsoft reproduce --executor ray
     "slurm": ["submitit>=1.5"],       # tempsoft reproduce --executor slurm
 }
 
-# -march-free SIMD levels for at::vec.  CPU_CAPABILITY names the inline namespace that
-# ATen's vector types live in (at::vec::AVX2::Vectorized, ...), so these objects agree with
-# the ones torch compiled for the same level; CPU_CAPABILITY_<X> selects the implementation.
-_CAPABILITY_FLAGS = {
+# SIMD capability levels of the CPU kernels, lowest first, and their -march-free flags.
+# CPU_CAPABILITY names the inline namespace that ATen's vector types live in
+# (at::vec::AVX2::Vectorized, ...), so these objects agree with the ones torch compiled for
+# the same level; CPU_CAPABILITY_<X> selects the implementation. Each level is its own
+# shared library, so inline functions compiled with one level's flags never serve another.
+_LEVEL_FLAGS = {
+    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
-    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
-    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
-}
-# CPU flags (as /proc/cpuinfo spells them) each level needs.
-_CAPABILITY_NEEDS = {
-    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},
-    "avx2": {"avx2", "fma", "f16c"},
 }
 
 
@@ -81,46 +81,22 @@ def _log(msg: str) -> None:
     print(f"tempsoft setup: {msg}", file=sys.stderr)
 
 
-def _cpu_flags() -> set[str]:
-    """The build machine's CPU feature flags (Linux); empty when they cannot be read."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _cpu_capability() -> str:
-    """The at::vec level to compile for: TEMPSOFT_CPU_CAPABILITY, else the best one here."""
-    requested = os.environ.get("TEMPSOFT_CPU_CAPABILITY", "auto").strip().lower()
-    if requested not in ("auto", *_CAPABILITY_FLAGS):
+def _cpu_levels() -> list[str]:
+    """The capability levels to build: every level on x86-64 with GCC or Clang, "default"
+    elsewhere; TEMPSOFT_CPU_LEVELS (comma-separated) builds a subset."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    available = list(_LEVEL_FLAGS) if x86 and sys.platform != "win32" else ["default"]
+    requested = os.environ.get("TEMPSOFT_CPU_LEVELS", "").strip().lower()
+    if not requested:
+        return available
+    levels = [level.strip() for level in requested.split(",") if level.strip()]
+    unknown = [level for level in levels if level not in available]
+    if unknown:
         raise ValueError(
-            f"TEMPSOFT_CPU_CAPABILITY must be auto, {', '.join(_CAPABILITY_FLAGS)}; "
-            f"got {requested!r}"
+            f"TEMPSOFT_CPU_LEVELS: {', '.join(unknown)} cannot be built here; this platform "
+            f"builds {', '.join(available)}"
         )
-    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
-    if not x86 or sys.platform == "win32":
-        return "default"
-    if requested != "auto":
-        return requested
-    flags = _cpu_flags()
-    if not flags:
-        # No /proc/cpuinfo (macOS x86): if torch dispatches to AVX2 or better here, so do we
-        # (AVX2 only: the cheaper assumption).
-        try:
-            import torch
-
-            if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-                flags = set(_CAPABILITY_NEEDS["avx2"])
-        except Exception:  # noqa: BLE001 - any failure means "no SIMD flags"
-            flags = set()
-    for level in ("avx512", "avx2"):
-        if _CAPABILITY_NEEDS[level] <= flags:
-            return level
-    return "default"
+    return levels
 
 
 def _torch_uses_openmp(torch) -> bool:
@@ -155,7 +131,7 @@ def _with_cuda(torch, cuda_home) -> bool:
 
 
 def _extensions_and_cmdclass():
-    """([tempsoft._C extension], {"build_ext": ...}), or ([], {}) when it cannot be built."""
+    """([the extension modules], {"build_ext": ...}), or ([], {}) when they cannot be built."""
     if os.environ.get("TEMPSOFT_BUILD_EXT", "1") == "0":
         _log("TEMPSOFT_BUILD_EXT=0: installing without the native extension")
         return [], {}
@@ -172,43 +148,49 @@ def _extensions_and_cmdclass():
         )
         return [], {}
 
-    capability = _cpu_capability()
+    levels = _cpu_levels()
     openmp = _torch_uses_openmp(torch) and sys.platform != "win32"
     # -g0 overrides the -g that Python adds: 0.4 MB instead of 15 MB of .so, faster to build.
     cxx = ["-O3", "-g0", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas",
            # GCC 12 reports its own AVX-512 intrinsics (`__m512 __Y = __Y;`) as uninitialized.
            "-Wno-maybe-uninitialized", "-Wno-uninitialized"]
-    cxx += _CAPABILITY_FLAGS[capability]
-    if openmp:
-        # ATen/Config.h says AT_PARALLEL_OPENMP=1 for such a torch; without -fopenmp the
-        # `#pragma omp parallel` inside at::parallel_for would be ignored and run serially.
-        cxx.append("-fopenmp")
-    link = ["-fopenmp"] if openmp else []
-
-    sources = [os.path.join("csrc", "module.cpp")]
-    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_home = getattr(cpp_extension, "CUDA_HOME", None)
     use_cuda = _with_cuda(torch, cuda_home)
-    _log(f"torch {torch.__version__}, CPU capability {capability}, OpenMP {openmp}, "
+    _log(f"torch {torch.__version__}, CPU levels {', '.join(levels)}, OpenMP {openmp}, "
          f"CUDA {'yes (' + str(cuda_home) + ')' if use_cuda else 'no'}")
 
+    # The schemas (and the CUDA kernels): no SIMD flags, so it loads on any CPU.
+    main_sources = [os.path.join("csrc", "module.cpp")]
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        ext = cpp_extension.CUDAExtension(
+        main_sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+        main_sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        extensions = [cpp_extension.CUDAExtension(
             "tempsoft._C",
-            sources,
+            main_sources,
             extra_compile_args={
                 "cxx": cxx + ["-DTEMPSOFT_WITH_CUDA"],
                 "nvcc": ["-O3", "-DTEMPSOFT_WITH_CUDA", "-lineinfo"],
             },
-            extra_link_args=link,
-        )
+        )]
     else:
-        ext = cpp_extension.CppExtension(
-            "tempsoft._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link
-        )
+        extensions = [cpp_extension.CppExtension(
+            "tempsoft._C", main_sources, extra_compile_args={"cxx": cxx})]
+
+    # The CPU kernels, once per capability level.
+    level_cxx = list(cxx)
+    if openmp:
+        # ATen/Config.h says AT_PARALLEL_OPENMP=1 for such a torch; without -fopenmp the
+        # `#pragma omp parallel` inside at::parallel_for would be ignored and run serially.
+        level_cxx.append("-fopenmp")
+    cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    for level in levels:
+        extensions.append(cpp_extension.CppExtension(
+            f"tempsoft._cpu_{level}",
+            cpu_sources,
+            extra_compile_args={"cxx": level_cxx + _LEVEL_FLAGS[level]},
+            extra_link_args=["-fopenmp"] if openmp else [],
+        ))
 
     class BuildExt(cpp_extension.BuildExtension):
         """Ninja build; a failed compile warns and installs the pure-Python package."""
@@ -225,6 +207,11 @@ def _extensions_and_cmdclass():
                 self.build_temp = os.path.join(ROOT, "build", "temp-editable")
 
         def build_extension(self, extension):
+            # The level modules compile the same sources with different flags: each module
+            # gets its own object directory (and ninja file), or they would overwrite each
+            # other's objects and rebuild everything every time.
+            base_temp = self.build_temp
+            self.build_temp = os.path.join(base_temp, extension.name.rsplit(".", 1)[-1])
             try:
                 super().build_extension(extension)
             except Exception as exc:  # noqa: BLE001 - compiler/linker errors come in many types
@@ -234,6 +221,8 @@ def _extensions_and_cmdclass():
                 _log(f"building {extension.name} FAILED ({exc}); installing without it: the "
                      "pure-PyTorch backend (and Triton where it runs) will serve the ops. Set "
                      "TEMPSOFT_REQUIRE_EXT=1 to make this an error.")
+            finally:
+                self.build_temp = base_temp
 
         # The steps after the build (the in-place copy of `build_ext --inplace` and of
         # editable installs, the list of installed files) must not look for a failed
@@ -262,7 +251,7 @@ def _extensions_and_cmdclass():
             finally:
                 self.extensions = every
 
-    return [ext], {"build_ext": BuildExt.with_options(use_ninja=True)}
+    return extensions, {"build_ext": BuildExt.with_options(use_ninja=True)}
 
 
 def _read(name: str) -> str:

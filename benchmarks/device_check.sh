@@ -3,9 +3,12 @@
 #
 #   env          nvidia-smi, compiler, Python package versions
 #   wheels       install the wheels carried in .carry/wheels (liger-kernel, torchattacks), if any
-#   build        build tempsoft._C with the CUDA kernels for this GPU (build_ext --inplace)
+#   build        build tempsoft._C with the CUDA kernels for this GPU (build_ext --inplace),
+#                and alongside it, on an sm_90+ GPU, an "8.0+PTX" build for the cluster test
 #   gpu-tests    tests/test_gpu.py: CUDA and Triton kernels against the reference, bad-target
-#                errors, torch.compile, pgd_step_, memory (TEMPSOFT_REQUIRE_CUDA=1: no skips)
+#                errors, torch.compile, pgd_step_, memory, loss scaling under autocast,
+#                deferred checks, CUDA-graph capture, sync debug mode, the 8.0+PTX build on
+#                cluster-sized rows (TEMPSOFT_REQUIRE_CUDA=1: no skips)
 #   bench-ce     cross-entropy forward+backward, N x V in {4096 x 32000, 8192 x 128256,
 #                16384 x 262144}, bf16 and fp32: tempsoft cuda / triton, F.cross_entropy,
 #                torch.compile, liger-kernel; time, GB/s, fraction of copy, peak extra memory
@@ -38,7 +41,7 @@ for arg in "$@"; do
   case "$arg" in
     --quick) quick="--quick" ;;
     --no-suite) suite=0 ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "device_check.sh: unknown argument '$arg'" >&2; exit 2 ;;
   esac
 done
@@ -151,26 +154,50 @@ find_cuda_home() {
 }
 
 build() {
-  local arch
+  local arch ptx_pid=""
   arch="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 || true)"
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-${arch:-9.0}}"
   export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
   export TEMPSOFT_REQUIRE_EXT=1
   echo "CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
+  if [ "${arch%%.*}" -ge 9 ] 2>/dev/null; then
+    # The "8.0+PTX" build that tests/test_gpu.py's cluster test runs, alongside this one.
+    rm -rf "$ptx_dir"
+    mkdir -p "$ptx_dir"
+    (MAX_JOBS=$(( MAX_JOBS > 1 ? MAX_JOBS / 2 : 1 )) "$py" -c "
+import sys; sys.path.insert(0, 'tests')
+from test_gpu import build_ptx_extension
+print(build_ptx_extension(sys.argv[1]))" "$ptx_dir" >"$ptx_dir/build.log" 2>&1) &
+    ptx_pid=$!
+  fi
   "$py" setup.py build_ext --inplace
   "$py" - <<'PY'
 import tempsoft
+from tempsoft import _dispatch
 table = tempsoft.backends()
-print("backends:", {k: repr(v) for k, v in table.items()})
+print("backends:", {k: repr(v) for k, v in table.items()}, "| CPU level:", _dispatch.cpu_level())
 assert table["cuda"], f"CUDA backend unavailable after the build: {table['cuda']!r}"
 PY
+  if [ -n "$ptx_pid" ]; then
+    if ! wait "$ptx_pid"; then
+      echo "the 8.0+PTX build failed:"
+      tail -n 40 "$ptx_dir/build.log"
+      return 1
+    fi
+    tail -n 1 "$ptx_dir/build.log" >"$ptx_dir/lib.path"
+    echo "8.0+PTX build: $(cat "$ptx_dir/lib.path")"
+  fi
 }
 
 gpu_tests() {
   local par=()
   if "$py" -c "import xdist" 2>/dev/null; then par=(-n 4); fi
+  if [ -f "$ptx_dir/lib.path" ]; then
+    TEMPSOFT_PTX_LIB="$(cat "$ptx_dir/lib.path")"
+    export TEMPSOFT_PTX_LIB
+  fi
   TEMPSOFT_REQUIRE_CUDA=1 "$py" -m pytest -x -q -p no:cacheprovider "${par[@]}" \
-    --junitxml="$out/gpu_tests.xml" tests/test_gpu.py
+    --junitxml="$out/gpu_tests.xml" tests/test_gpu.py tests/test_cuda_logic.py
 }
 
 peer_bench_ce() {
@@ -202,7 +229,8 @@ suite_tests() {
 }
 
 CUDA_HOME="$(find_cuda_home || true)"
-export CUDA_HOME py out repo
+ptx_dir="${TMPDIR:-/tmp}/tempsoft-ptx-build"
+export CUDA_HOME py out repo ptx_dir
 export PYTHONPATH="/tmp/carry-site:$repo${PYTHONPATH:+:$PYTHONPATH}"
 export -f env_info install_wheels build gpu_tests peer_bench_ce peer_bench_pgd suite_tests
 

@@ -1,6 +1,8 @@
 // tempsoft._C: the op schemas (one place) and a few build facts for tempsoft.backends().
-// Kernels register their implementations per device with TORCH_LIBRARY_IMPL in
-// csrc/cpu/*.cpp and csrc/cuda/*.cpp; Python reaches them as torch.ops.tempsoft_C.*.
+// The CUDA kernels register with TORCH_LIBRARY_IMPL in csrc/cuda/bindings.cpp; the CPU
+// kernels live in one module per SIMD level (csrc/cpu/level.cpp), of which tempsoft/_dispatch.py
+// registers one at run time. Python reaches them as torch.ops.tempsoft_C.*.
+// This file is compiled without SIMD flags: it must load on any CPU.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -8,7 +10,7 @@ TORCH_LIBRARY(tempsoft_C, m) {
   // Fused temperature cross-entropy over rows; contract in tempsoft/kernels/reference.py.
   m.def(
       "ce_rows(Tensor x, Tensor target, Tensor inv_t, Tensor? weight, int ignore_index, "
-      "float label_smoothing, Tensor grad_scale, bool compute_grad, Tensor(a!)? grad_out) "
+      "float label_smoothing, Tensor grad_scale, int grad_mode, Tensor(a!)? grad_out) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // One PGD step in place: ascent, projection onto the eps-ball, clamp. norm: 0 = Linf, 2 = L2.
   m.def(

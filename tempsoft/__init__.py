@@ -37,10 +37,14 @@ class Availability:
 
 
 def check_errors() -> None:
-    """Raise the IndexError for a bad target that a CUDA kernel recorded (waits for the GPU).
+    """Raise the IndexError for a bad target that a GPU kernel recorded, and clear it.
 
-    Only needed with TEMPSOFT_DEFERRED_CHECKS=1; without it every call checks its targets.
+    Only needed with TEMPSOFT_DEFERRED_CHECKS=1 (without it every call checks its targets).
+    Waits for the kernels queued so far: the CUDA kernels' records (also raised by the next
+    CUDA call) and the Triton kernels' (raised only here).
     """
+    import sys
+
     import torch
 
     if _backend_table()["cuda"][0]:
@@ -48,6 +52,9 @@ def check_errors() -> None:
 
         native_ops().check_errors(True)
         torch.cuda.synchronize()
+    triton_ce = sys.modules.get("tempsoft.kernels.triton_ce")  # no record before it is used
+    if triton_ce is not None:
+        triton_ce.raise_recorded_errors()
 
 
 def backends() -> dict:

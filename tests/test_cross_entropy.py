@@ -225,6 +225,86 @@ def test_autocast_gives_float32_like_torch():
 
 
 # --------------------------------------------------------------------------------------
+# Mixed precision the way users run it: autocast and GradScaler-sized loss scales
+# --------------------------------------------------------------------------------------
+HALF = [torch.float16, torch.bfloat16]
+# torch.amp.GradScaler starts at 2^16 and grows by powers of two; 2^24 is far up its range.
+LOSS_SCALES = [1.0, 2.0**12, 2.0**16, 2.0**24]
+
+
+def _assert_rounded_once(got: torch.Tensor, want64: torch.Tensor) -> None:
+    """`got` (fp16 / bf16) is the float64 truth rounded once to its dtype: within one unit in
+    the last place everywhere (subnormals included), and inf exactly where rounding the
+    truth overflows."""
+    fi = torch.finfo(got.dtype)
+    rounded = want64.to(got.dtype).double()
+    overflow = torch.isinf(rounded)
+    assert torch.equal(torch.isinf(got), overflow), "overflow where the truth does not (or not " \
+        "where it does)"
+    got64, want = got.double()[~overflow], want64[~overflow]
+    ulp = torch.clamp(want.abs() * fi.eps, min=fi.tiny * fi.eps)
+    err = (got64 - want).abs()
+    bad = err > ulp
+    assert not bad.any(), (
+        f"{int(bad.sum())} of {bad.numel()} {got.dtype} gradient entries are more than one ulp "
+        f"from the float64 gradient; worst |error| / ulp = {float((err / ulp).max()):.1f}")
+
+
+def _mixed_case(dtype, seed=12):
+    g = torch.Generator().manual_seed(seed)
+    # 4 * randn at T = 0.5 spreads the probabilities over many binades, so that the mean's
+    # gradient has entries far below fp16's smallest normal (6e-5) before the loss scale.
+    x = (torch.randn(64, 37, generator=g) * 4).to(dtype).requires_grad_()
+    y = torch.randint(0, 37, (64,), generator=g)
+    return x, y
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("scale", LOSS_SCALES, ids=lambda s: f"2^{int(math.log2(s))}")
+def test_autocast_with_loss_scaling_matches_float64(backend, dtype, scale):
+    """Under autocast the op behaves as F.cross_entropy does there (float32 math, float32
+    loss), and a GradScaler-style scaled backward gives half-precision gradients rounded once
+    from the exact ones -- up to 2^24, where only a true fp16 overflow may give inf."""
+    x, y = _mixed_case(dtype)
+    T = 0.5
+    with torch.autocast("cpu", dtype=dtype):
+        loss = tempsoft.cross_entropy(x, y, T, label_smoothing=0.1, backend=backend)
+    assert loss.dtype == torch.float32
+    (loss * scale).backward()  # what GradScaler.scale(loss).backward() does
+    x64 = x.detach().double().requires_grad_()
+    want = F.cross_entropy(x64 / T, y, label_smoothing=0.1)
+    (want * scale).backward()
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    assert x.grad.dtype == dtype
+    _assert_rounded_once(x.grad, x64.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_half_precision_gradient_is_rounded_once_outside_autocast(backend, dtype, reduction):
+    """Half-precision logits without autocast: the loss is half like F.cross_entropy's, and
+    grad_output (a loss scale, or one weight per row) is applied in fp32 before the single
+    rounding of the gradient."""
+    x, y = _mixed_case(dtype, seed=13)
+    T = torch.tensor(0.7, requires_grad=True)
+    loss = tempsoft.cross_entropy(x, y, T, reduction=reduction, backend=backend)
+    assert loss.dtype == dtype
+    g = torch.Generator().manual_seed(14)
+    if reduction == "mean":
+        g_out = torch.tensor(2.0**12, dtype=dtype)
+    else:
+        g_out = (torch.rand(64, generator=g) * 2**10).to(dtype)
+    loss.backward(g_out)
+    x64 = x.detach().double().requires_grad_()
+    T64 = T.detach().double().requires_grad_()
+    F.cross_entropy(x64 / T64, y, reduction=reduction).backward(g_out.double())
+    _assert_rounded_once(x.grad, x64.grad)
+    torch.testing.assert_close(T.grad.double(), T64.grad, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
 # Edge cases that must behave like PyTorch
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -413,6 +493,137 @@ def test_inplace_backward_writes_gradient_into_logits(backend):
     torch.testing.assert_close(loss, F.cross_entropy(x0 / 1.5, y))
     loss.backward()
     torch.testing.assert_close(h.grad, ref.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_leaves_the_logits_alone_when_only_T_learns(backend):
+    """Temperature calibration with inplace_backward=True: the logits need no gradient, so
+    they are not overwritten, and every call sees the same logits."""
+    g = torch.Generator().manual_seed(15)
+    logits = torch.randn(32, 10, generator=g) * 3
+    labels = torch.randint(0, 10, (32,), generator=g)
+    keep = logits.clone()
+    crit = tempsoft.TemperatureCrossEntropyLoss(T=1.3, learn_T=True, inplace_backward=True,
+                                                backend=backend)
+    first = crit(logits, labels)
+    first.backward()
+    assert torch.equal(logits, keep)
+    second = crit(logits, labels)
+    torch.testing.assert_close(second, first)
+    log_t = torch.tensor(math.log(1.3), requires_grad=True)
+    F.cross_entropy(logits / log_t.exp(), labels).backward()
+    torch.testing.assert_close(crit.log_T.grad, log_t.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_T_needing_a_gradient_computes_no_logit_gradient(backend, monkeypatch):
+    """With only T requiring grad, the kernel is asked for zdot alone: no (N, C) gradient is
+    allocated or written."""
+    from tempsoft.kernels.reference import GRAD_ZDOT
+    from tempsoft.ops import cross_entropy as ce_module
+
+    calls = []
+    real = ce_module._row_kernel
+
+    def spy(name):
+        kernel = real(name)
+
+        def run(*args):
+            out = kernel(*args)
+            calls.append((int(args[7]), out[2].numel()))
+            return out
+        return run
+
+    monkeypatch.setattr(ce_module, "_row_kernel", spy)
+    g = torch.Generator().manual_seed(16)
+    x = torch.randn(8, 11, generator=g)
+    y = torch.randint(0, 11, (8,), generator=g)
+    T = torch.tensor(1.7, requires_grad=True)
+    tempsoft.cross_entropy(x, y, T, label_smoothing=0.1, backend=backend).backward()
+    assert calls == [(GRAD_ZDOT, 0)]
+    T64 = T.detach().double().requires_grad_()
+    F.cross_entropy(x.double() / T64, y, label_smoothing=0.1).backward()
+    torch.testing.assert_close(T.grad.double(), T64.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_is_visible_to_autograd(backend):
+    """The in-place write bumps the logits' version: a node that saved them before refuses
+    to backpropagate instead of silently reading gradients as logits."""
+    g = torch.Generator().manual_seed(17)
+    h = torch.randn(6, 9, generator=g, requires_grad=True)
+    y = torch.randint(0, 9, (6,), generator=g)
+    logits = h * 2.0
+    aux = logits.pow(2).sum()  # saves `logits` for its backward
+    version = logits._version
+    loss = tempsoft.cross_entropy(logits, y, 1.5, backend=backend, inplace_backward=True)
+    assert logits._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + aux).backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_inplace_backward_with_a_loss_scale(backend, dtype):
+    """In place and scaled (a GradScaler with inplace_backward): the gradient lands in the
+    logits' storage and matches F.cross_entropy's (rounded once for bf16)."""
+    g = torch.Generator().manual_seed(18)
+    x0 = (torch.randn(16, 33, generator=g) * 3).to(dtype)
+    y = torch.randint(0, 33, (16,), generator=g)
+    h = x0.clone().requires_grad_()
+    logits = h * 1.0
+    storage = logits.data_ptr()
+    loss = tempsoft.cross_entropy(logits, y, 0.8, backend=backend, inplace_backward=True)
+    (loss.float() * 2.0**10).backward()
+    assert logits.data_ptr() == storage
+    x64 = x0.double().requires_grad_()
+    (F.cross_entropy(x64 / 0.8, y) * 2.0**10).backward()
+    if dtype == torch.float32:
+        torch.testing.assert_close(h.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
+    else:
+        _assert_rounded_once(h.grad, x64.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_requiring_grad_with_class_indices_raises_like_torch(backend):
+    g = torch.Generator().manual_seed(19)
+    x = torch.randn(4, 5, generator=g, requires_grad=True)
+    y = torch.tensor([0, 1, 4, 2])
+    w = torch.rand(5, generator=g).requires_grad_()
+    match = "not differentiable with respect to argument 'weight'"
+    with pytest.raises(RuntimeError, match=match):
+        F.cross_entropy(x, y, weight=w)
+    with pytest.raises(RuntimeError, match=match):
+        tempsoft.cross_entropy(x, y, 2.0, weight=w, backend=backend)
+    with pytest.raises(RuntimeError, match=match):
+        tempsoft.cross_entropy(x.detach(), y, 2.0, weight=w, label_smoothing=0.1,
+                               backend=backend)
+    with torch.no_grad():  # as in PyTorch: without autograd there is nothing to refuse
+        torch.testing.assert_close(tempsoft.cross_entropy(x, y, 2.0, weight=w, backend=backend),
+                                   F.cross_entropy(x / 2.0, y, weight=w))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_weight_gradient_with_class_probabilities_matches_torch(backend, reduction):
+    """F.cross_entropy differentiates the weights of probability targets; so does tempsoft."""
+    dtype = torch.float64 if _supports_fp64(backend) else torch.float32
+    rtol, atol = TOL[dtype]
+    g = torch.Generator().manual_seed(20)
+    x = torch.randn(6, 7, generator=g, dtype=dtype, requires_grad=True)
+    q = torch.softmax(torch.randn(6, 7, generator=g, dtype=dtype), 1)
+    w = (torch.rand(7, generator=g, dtype=dtype) + 0.5).requires_grad_()
+    T = torch.tensor(1.4, dtype=dtype, requires_grad=True)
+    got = tempsoft.cross_entropy(x, q, T, weight=w, reduction=reduction, label_smoothing=0.2,
+                                 backend=backend)
+    g_out = torch.randn(got.shape, generator=g, dtype=dtype)
+    got.backward(g_out)
+    x2, w2, T2 = (t.detach().clone().requires_grad_() for t in (x, w, T))
+    want = F.cross_entropy(x2 / T2, q, weight=w2, reduction=reduction, label_smoothing=0.2)
+    want.backward(g_out)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+    for a, b in ((x.grad, x2.grad), (w.grad, w2.grad), (T.grad, T2.grad)):
+        torch.testing.assert_close(a, b, rtol=rtol * 10, atol=atol * 10)
 
 
 def test_retain_graph_backward_twice_accumulates_the_same_gradient():

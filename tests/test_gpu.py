@@ -7,7 +7,12 @@ TEMPSOFT_CE_CLUSTER), large vocabularies (up to V = 2^20 with few rows), misalig
 every element of the gradient written, bad targets reported as IndexError by the kernel's
 flag without killing the process, no host synchronisation in ce_rows, torch.compile on the
 GPU, pgd_step_ on CUDA exactly equal to the reference in fp32, and the memory that
-``inplace_backward`` saves.
+``inplace_backward`` saves. Also, for the kernel-hardening issue: autocast with GradScaler-
+sized loss scales (fp16 / bf16 gradients rounded once), deferred checks with weights (no
+device assert), no (N, C) buffer when only T needs a gradient, the in-place write visible to
+autograd, weights that require grad, no host sync in forward + backward (sync debug mode)
+and a captured-and-replayed CUDA graph, NaN propagation and aliasing in pgd_step_, Triton
+on a second GPU, and an "8.0+PTX" build running cluster-sized rows on an sm_90 GPU.
 
 Set TEMPSOFT_REQUIRE_CUDA=1 (benchmarks/device_check.sh does) to fail instead of skip when a
 GPU is present but the CUDA kernels were not built.
@@ -512,3 +517,299 @@ def test_deferred_checks_report_bad_target_through_check_errors(monkeypatch):
         tempsoft.check_errors()
     assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3]]).all()
     tempsoft.check_errors()  # consumed: the next check is clean
+
+
+# --------------------------------------------------------------------------------------
+# Mixed precision with loss scaling on the GPU backends
+# --------------------------------------------------------------------------------------
+def _assert_rounded_once(got, want64):
+    """got (fp16 / bf16): the float64 truth rounded once, within one ulp; inf exactly where
+    rounding the truth overflows (see tests/test_cross_entropy.py)."""
+    fi = torch.finfo(got.dtype)
+    overflow = torch.isinf(want64.to(got.dtype))
+    assert torch.equal(torch.isinf(got), overflow)
+    got64, want = got.double()[~overflow], want64[~overflow]
+    ulp = torch.clamp(want.abs() * fi.eps, min=fi.tiny * fi.eps)
+    err = (got64 - want).abs()
+    assert not (err > ulp).any(), f"worst |error| / ulp = {float((err / ulp).max()):.1f}"
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("scale", [1.0, 2.0**12, 2.0**16, 2.0**24],
+                         ids=["2^0", "2^12", "2^16", "2^24"])
+@pytest.mark.parametrize("deferred", [False, True], ids=["strict", "deferred"])
+def test_autocast_loss_scaling_gradients_rounded_once(monkeypatch, backend, dtype, scale,
+                                                      deferred):
+    _row_kernel(backend)
+    if deferred:
+        monkeypatch.setenv("TEMPSOFT_DEFERRED_CHECKS", "1")
+    g = _gen(40)
+    x = (torch.randn(2048, 512, generator=g, device=DEV) * 4).to(dtype).requires_grad_()
+    y = torch.randint(0, 512, (2048,), generator=g, device=DEV)
+    with torch.autocast("cuda", dtype=dtype):
+        loss = tempsoft.cross_entropy(x, y, 0.5, label_smoothing=0.1, backend=backend)
+    assert loss.dtype == torch.float32
+    (loss * scale).backward()
+    x64 = x.detach().double().requires_grad_()
+    want = F.cross_entropy(x64 / 0.5, y, label_smoothing=0.1)
+    (want * scale).backward()
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    _assert_rounded_once(x.grad, x64.grad)
+
+
+# --------------------------------------------------------------------------------------
+# Deferred checks, in-place backward and weights on the GPU backends
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("bad", [-3, 10, 1 << 40])
+def test_deferred_bad_target_with_weight_and_mean_never_indexes(monkeypatch, backend, bad):
+    """weight[target] of the mean's denominator: no device assert, no wrap-around."""
+    _row_kernel(backend)
+    try:
+        tempsoft.check_errors()
+    except IndexError:
+        pass
+    monkeypatch.setenv("TEMPSOFT_DEFERRED_CHECKS", "1")
+    x = torch.randn(5, 10, device=DEV, requires_grad=True)
+    w = torch.rand(10, device=DEV) + 0.5
+    y = torch.tensor([1, bad, 4, 6, 2], device=DEV)
+    loss = tempsoft.cross_entropy(x, y, 1.5, weight=w, backend=backend)
+    loss.backward()
+    with pytest.raises(IndexError, match=str(bad)):
+        tempsoft.check_errors()
+    assert torch.isnan(loss)
+    good = [0, 2, 3, 4]
+    x_ref = x.detach().clone().requires_grad_()
+    F.cross_entropy(x_ref[good] / 1.5, y[good], weight=w).backward()
+    torch.testing.assert_close(x.grad[good], x_ref.grad[good])
+    assert torch.equal(x.grad[1], torch.zeros_like(x.grad[1]))
+    torch.cuda.synchronize()  # the context is alive
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_only_T_needing_a_gradient_allocates_no_logit_gradient(backend):
+    _row_kernel(backend)
+    n, v = 2048, 32000
+    x = torch.randn(n, v, device=DEV, dtype=torch.bfloat16)
+    y = torch.randint(0, v, (n,), device=DEV)
+    T = torch.tensor(1.5, device=DEV, requires_grad=True)
+    keep = x.clone()
+
+    def only_t():
+        tempsoft.cross_entropy(x, y, T, backend=backend, inplace_backward=True).backward()
+
+    extra = _extra_peak_bytes(only_t)
+    assert extra < n * v * 2 // 4, extra
+    assert torch.equal(x, keep)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_inplace_write_bumps_the_version(backend):
+    _row_kernel(backend)
+    h = torch.randn(64, 1000, device=DEV, requires_grad=True)
+    y = torch.randint(0, 1000, (64,), device=DEV)
+    logits = h * 2.0
+    aux = logits.pow(2).sum()
+    loss = tempsoft.cross_entropy(logits, y, 1.5, backend=backend, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + aux).backward()
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_weight_requiring_grad_like_torch(backend):
+    _row_kernel(backend)
+    x = torch.randn(8, 20, device=DEV, requires_grad=True)
+    w = (torch.rand(20, device=DEV) + 0.5).requires_grad_()
+    with pytest.raises(RuntimeError, match="not differentiable with respect to argument"):
+        tempsoft.cross_entropy(x, torch.randint(0, 20, (8,), device=DEV), 2.0, weight=w,
+                               backend=backend)
+    q = torch.softmax(torch.randn(8, 20, device=DEV), 1)
+    tempsoft.cross_entropy(x, q, 2.0, weight=w, backend=backend).backward()
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    F.cross_entropy(x2 / 2.0, q, weight=w2).backward()
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# No host syncs: CUDA graphs and sync debug mode (deferred checks, Python-number T)
+# --------------------------------------------------------------------------------------
+def _step(x, y, backend):
+    x.grad = None
+    loss = tempsoft.cross_entropy(x, y, 2.0, label_smoothing=0.1, backend=backend)
+    loss.backward()
+    return loss
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_forward_backward_make_no_host_sync(monkeypatch, backend):
+    _row_kernel(backend)
+    monkeypatch.setenv("TEMPSOFT_DEFERRED_CHECKS", "1")
+    x = torch.randn(256, 32000, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(0, 32000, (256,), device=DEV)
+    w = torch.rand(32000, device=DEV) + 0.5
+    _step(x, y, backend)  # first-call allocations and compilation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _step(x, y, backend)
+        loss = tempsoft.cross_entropy(x, y, 1.5, weight=w, reduction="mean", backend=backend)
+        (loss * 1024.0).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_forward_backward_capture_in_a_cuda_graph_and_replay(monkeypatch, backend):
+    _row_kernel(backend)
+    monkeypatch.setenv("TEMPSOFT_DEFERRED_CHECKS", "1")
+    x = torch.randn(128, 5000, device=DEV, requires_grad=True)
+    y = torch.randint(0, 5000, (128,), device=DEV)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: first-call allocations happen outside capture
+        for _ in range(3):
+            _step(x, y, backend)
+    torch.cuda.current_stream().wait_stream(side)
+    x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = tempsoft.cross_entropy(x, y, 2.0, label_smoothing=0.1, backend=backend)
+        static_loss.backward()
+    for seed in range(3):
+        g = _gen(50 + seed)
+        with torch.no_grad():
+            x.copy_(torch.randn(x.shape, generator=g, device=DEV) * 3)
+        y.copy_(torch.randint(0, 5000, y.shape, generator=g, device=DEV))
+        graph.replay()
+        x_ref = x.detach().clone().requires_grad_()
+        ref = F.cross_entropy(x_ref / 2.0, y, label_smoothing=0.1)
+        ref.backward()
+        torch.testing.assert_close(static_loss, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------
+# pgd_step_: NaN, aliasing, the tensors' device
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("norm", [0, 2], ids=["linf", "l2"])
+def test_pgd_step_propagates_nan_like_the_reference(backend, norm):
+    _row_kernel(backend)
+    x_adv, grad, x_nat, eps, alpha, active = _pgd_case((16, 3, 32, 32), norm, seed=7)
+    x_adv[0].view(-1)[3] = float("nan")
+    x_nat[2].view(-1)[5] = float("nan")
+    want = reference.pgd_step(x_adv, grad, x_nat, eps, alpha, norm, 0.0, 1.0, None)
+    got = tempsoft.pgd_step_(x_adv.clone(), grad, x_nat, eps, alpha,
+                             "linf" if norm == 0 else "l2", backend=backend)
+    same = (got == want) | (torch.isnan(got) & torch.isnan(want))
+    assert torch.isnan(want[0].view(-1)[3]) and same.all()
+
+
+def test_cuda_pgd_step_refuses_aliased_inputs():
+    _row_kernel("cuda")
+    x_adv, grad, x_nat, eps, alpha, active = _pgd_case((4, 3, 8, 8), 2)
+    for g, x0 in ((x_adv, x_nat), (grad, x_adv), (grad, x_adv.view(x_adv.shape))):
+        with pytest.raises(ValueError, match="must not share memory"):
+            torch.ops.tempsoft_C.pgd_step_(x_adv, g, x0, eps, alpha, active, 2, 0.0, 1.0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("norm", [0, 2], ids=["linf", "l2"])
+def test_triton_kernels_run_on_the_tensors_device(norm):
+    _row_kernel("triton")
+    from tempsoft.kernels import triton_ce, triton_pgd
+
+    with torch.cuda.device(0):
+        x_adv, grad, x_nat, eps, alpha, active = (
+            t.to("cuda:1") for t in _pgd_case((8, 3, 16, 16), norm, seed=9))
+        want = reference.pgd_step(x_adv, grad, x_nat, eps, alpha, norm, 0.0, 1.0, active)
+        got = x_adv.clone()
+        triton_pgd.pgd_step_(got, grad, x_nat, eps, alpha, active, norm, 0.0, 1.0)
+        assert torch.equal(got, want)
+        x = torch.randn(16, 3000, device="cuda:1")
+        yy = torch.randint(0, 3000, (16,), device="cuda:1")
+        one = torch.ones(1, device="cuda:1")
+        out = triton_ce.ce_rows(x, yy, one, None, -100, 0.0, one, 1, None)
+        _check_rows(out, _reference64(x, yy, one, None, -100, 0.0, one, True), torch.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Clusters behind a PTX build (TORCH_CUDA_ARCH_LIST="8.0+PTX" on an sm_90 GPU)
+# --------------------------------------------------------------------------------------
+_PTX_CHECK = r"""
+import os, sys, torch
+torch.ops.load_library(sys.argv[1])
+from tempsoft.kernels import reference
+ops = torch.ops.tempsoft_C
+dev = "cuda"
+g = torch.Generator(device=dev).manual_seed(0)
+worst = 0.0
+for rows, cols in [(4, 128256), (2, 1 << 20), (3, 262144)]:
+    for cluster in ("0", "8"):   # the heuristic's choice, and a forced cluster of 8
+        os.environ["TEMPSOFT_CE_CLUSTER"] = cluster
+        os.environ["TEMPSOFT_CE_MODE"] = "smem" if cluster == "8" else "auto"
+        x = torch.randn(rows, cols, generator=g, device=dev) * 3
+        y = torch.randint(0, cols, (rows,), generator=g, device=dev)
+        it = torch.full((1,), 0.7, device=dev)
+        gs = torch.full((1,), 1.0 / rows, device=dev)
+        loss, lse, grad, zdot = ops.ce_rows(x, y, it, None, -100, 0.1, gs, 1, None)
+        want = reference.ce_rows(x.double(), y, it.double(), None, -100, 0.1, gs.double(), 1)
+        for a, b in ((loss, want[0]), (lse, want[1]), (zdot, want[3])):
+            worst = max(worst, float(((a.double() - b).abs() / (1 + b.abs())).max()))
+        worst = max(worst, float((grad.double() - want[2]).abs().max() / want[2].abs().max()))
+shape = (4, 3, 224, 224)
+x_nat = torch.rand(shape, generator=g, device=dev)
+x_adv = (x_nat + 0.5 * torch.randn(shape, generator=g, device=dev)).clamp(0, 1)
+grad = torch.randn(shape, generator=g, device=dev)
+eps = torch.full((4,), 2.0, device=dev)
+alpha = torch.full((4,), 0.5, device=dev)
+want = reference.pgd_step(x_adv, grad, x_nat, eps, alpha, 2, 0.0, 1.0, None)
+got = x_adv.clone()
+ops.pgd_step_(got, grad, x_nat, eps, alpha, None, 2, 0.0, 1.0)
+pgd_equal = bool(torch.equal(got, want))
+print(f"worst={worst:.3g} pgd_equal={pgd_equal}")
+sys.exit(0 if worst < 1e-4 and pgd_equal else 1)
+"""
+
+
+def build_ptx_extension(out_dir) -> "pathlib.Path":
+    """Build tempsoft._C for TORCH_CUDA_ARCH_LIST="8.0+PTX" (one CPU level) under out_dir;
+    returns the library. benchmarks/device_check.sh runs this alongside its main build."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out_dir = pathlib.Path(out_dir)
+    env = {**os.environ, "TORCH_CUDA_ARCH_LIST": "8.0+PTX", "TEMPSOFT_CPU_LEVELS": "default",
+           "TEMPSOFT_REQUIRE_EXT": "1", "MAX_JOBS": os.environ.get("MAX_JOBS",
+                                                                   str(os.cpu_count() or 4))}
+    build = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--build-lib", str(out_dir / "lib"),
+         "--build-temp", str(out_dir / "tmp")],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-4000:]
+    (lib,) = (out_dir / "lib" / "tempsoft").glob("_C.*")
+    return lib
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or
+                    torch.cuda.get_device_capability()[0] < 9, reason="needs an sm_90+ GPU")
+def test_ptx_jit_build_gives_correct_results_on_cluster_sized_rows(tmp_path):
+    """Built for "8.0+PTX", the driver JIT-compiles sm_80 code on this sm_90 GPU: that code
+    has no cluster barriers, so the kernels must not launch clusters. Runs the shapes that get
+    clusters on sm_90 in a fresh process with that build (TEMPSOFT_PTX_LIB, made by
+    benchmarks/device_check.sh, or built here into a scratch directory)."""
+    _row_kernel("cuda")
+    import pathlib
+    import subprocess
+    import sys
+
+    lib = os.environ.get("TEMPSOFT_PTX_LIB") or build_ptx_extension(tmp_path)
+    root = pathlib.Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", _PTX_CHECK, str(lib)], cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr[-4000:]

@@ -17,9 +17,13 @@ from hypothesis import strategies as st
 
 pytest.importorskip("tempsoft._C", reason="the C++ extension tempsoft._C is not built")
 
+from tempsoft import _dispatch  # noqa: E402
 from tempsoft.kernels import reference  # noqa: E402
+from tempsoft.kernels.reference import GRAD_FULL, GRAD_ZDOT  # noqa: E402
 
-OPS = torch.ops.tempsoft_C
+if not _dispatch.backends()["cpu"][0]:
+    pytest.skip(f"no C++ CPU kernels: {_dispatch.backends()['cpu'][1]}", allow_module_level=True)
+OPS = _dispatch.native_ops()  # registers the CPU kernels of the level this CPU runs
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # Relative tolerances: `acc` for loss / lse / zdot (computed in fp32, or fp64 for fp64),
 # `grad` for the gradient, which is rounded to the input dtype.  Gradients are compared
@@ -233,6 +237,27 @@ def test_forward_only_leaves_grad_out_untouched():
     loss, lse, grad, zdot = OPS.ce_rows(x, tgt, inv_t, w, IGNORE, 0.1, gscale, False, out)
     assert bool((out == 7.0).all())
     assert grad.numel() == 0 and zdot.numel() == 0 and loss.shape == (5,)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("target", ["ignored", "prob"])
+@pytest.mark.parametrize("c", [300, 4099], ids=["one_block", "three_blocks"])
+def test_zdot_mode_writes_no_gradient(dtype, target, c):
+    """grad_mode zdot (only T needs a gradient): the same zdot as the full mode, no (M, C)
+    buffer returned and grad_out left untouched."""
+    x, tgt, inv_t, w, gscale = make_case(7, c, dtype, target=target, weight=True, per_row=True)
+    full = OPS.ce_rows(x, tgt, inv_t, w, IGNORE, 0.1, gscale, GRAD_FULL, None)
+    out = torch.full_like(x, 7.0)
+    loss, lse, grad, zdot = OPS.ce_rows(x, tgt, inv_t, w, IGNORE, 0.1, gscale, GRAD_ZDOT, out)
+    assert grad.numel() == 0 and bool((out == 7.0).all())
+    for a, b in ((loss, full[0]), (lse, full[1]), (zdot, full[3])):
+        assert torch.equal(a, b)
+
+
+def test_bad_grad_mode_is_a_value_error():
+    x, tgt, inv_t, w, gscale = make_case(2, 5, torch.float32)
+    with pytest.raises(ValueError, match="grad_mode must be 0 .* got 3"):
+        OPS.ce_rows(x, tgt, inv_t, w, IGNORE, 0.0, gscale, 3, None)
 
 
 @pytest.mark.parametrize("compute_grad", [True, False])

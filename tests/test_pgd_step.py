@@ -163,6 +163,66 @@ def test_inactive_rows_untouched_and_nan_gradient_pixel_stays(backend, device):
     assert not torch.isnan(got).any()
 
 
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_nan_in_the_images_propagates_like_the_reference(backend, device, norm):
+    """A NaN pixel in x_adv or x_nat stays NaN (torch.clamp / minimum / maximum propagate
+    it); a minimum that returns the other operand would silently turn it into a bound."""
+    _skip_unavailable(backend)
+    x_adv, grad, x_nat, eps, alpha, _ = _case((6, 3, 4, 4), norm, device=device,
+                                              with_active=False, seed=5)
+    x_adv[0].view(-1)[3] = float("nan")
+    x_nat[2].view(-1)[5] = float("nan")
+    want = _reference(x_adv, grad, x_nat, eps, alpha, norm, 0.0, 1.0, None)
+    got = pgd_step_(x_adv.clone(), grad, x_nat, eps, alpha, norm, backend=backend)
+    assert torch.isnan(want[0].view(-1)[3]) and torch.isnan(want[2].view(-1)[5])
+    same = (got == want) | (torch.isnan(got) & torch.isnan(want))
+    assert same.all(), f"{int((~same).sum())} elements differ from the reference"
+
+
+def test_native_kernel_refuses_aliased_inputs():
+    """The kernels the attacks call directly (no copies made for them) check aliasing; the
+    CUDA kernel shares this check (csrc/op_args.h) and is tested in tests/test_gpu.py."""
+    _skip_unavailable("cpu")
+    x_adv, grad, x_nat, eps, alpha, active = _case((4, 3, 4, 4), "l2")
+    ops = torch.ops.tempsoft_C
+    view = x_adv.view(x_adv.shape)  # another tensor over the same memory
+    for g, x0 in ((x_adv, x_nat), (grad, x_adv), (grad, view)):
+        with pytest.raises(ValueError, match="must not share memory with x_adv"):
+            ops.pgd_step_(x_adv, g, x0, eps, alpha, active, 2, 0.0, 1.0)
+
+
+def test_triton_launchers_enter_the_tensors_device(monkeypatch):
+    """Triton launches on the current device; both launchers first make the tensors' device
+    current (tempsoft.kernels.triton_support.on_device). Multi-GPU runs are in test_gpu.py."""
+    _skip_unavailable("triton")
+    if CUDA:
+        pytest.skip("CPU tensors through the interpreter; test_gpu.py covers the GPU")
+    from tempsoft.kernels import triton_ce, triton_pgd
+    from tempsoft.kernels.triton_support import on_device
+
+    seen = []
+
+    def spy(t):
+        seen.append(t)
+        return on_device(t)
+
+    monkeypatch.setattr(triton_pgd, "on_device", spy)
+    monkeypatch.setattr(triton_ce, "on_device", spy)
+    x_adv, grad, x_nat, eps, alpha, active = _case((3, 10), "linf")
+    pgd_step_(x_adv, grad, x_nat, eps, alpha, "linf", backend="triton")
+    assert seen and seen[-1] is x_adv
+    x = torch.randn(2, 5)
+    one = torch.ones(1)
+    triton_ce.ce_rows(x, torch.tensor([0, 4]), one, None, -100, 0.0, one, 1)
+    assert seen[-1] is x
+
+    class OnDevice1:  # on_device's whole logic for a CUDA tensor, without a GPU
+        device = torch.device("cuda", 1)
+
+    assert on_device(OnDevice1()).idx == 1
+
+
 def _tiny_gradients(dtype, device):
     """Rows whose gradient is too small to normalise, next to rows that are not.
 

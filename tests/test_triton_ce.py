@@ -8,14 +8,21 @@ online rescaling runs.  The public op (tempsoft.cross_entropy) is tested elsewhe
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 import triton
 
-from tempsoft.kernels import reference, triton_ce
-from tempsoft.kernels.triton_ce import CEConfig, ce_config
+import tempsoft
+
+if not tempsoft.backends()["triton"]:
+    pytest.skip(f"Triton unavailable: {tempsoft.backends()['triton']!r}", allow_module_level=True)
+
+from tempsoft.kernels import reference, triton_ce  # noqa: E402
+from tempsoft.kernels.reference import GRAD_ZDOT  # noqa: E402
+from tempsoft.kernels.triton_ce import CE_CONFIGS, CEConfig, ce_config  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IGNORE = -100
@@ -131,6 +138,36 @@ def test_grad_out(dtype, prob, inplace):
         assert torch.equal(case.x, x0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+def test_zdot_mode_writes_no_gradient(dtype, prob):
+    case = make_case(M, C, dtype, prob=prob, **VARIANTS["all"])
+    out = torch.full_like(case.x, 7.0)
+    got = triton_ce.ce_rows(*case.args(compute_grad=GRAD_ZDOT, grad_out=out), config=SMALL)
+    want = reference.ce_rows(*case.args(compute_grad=GRAD_ZDOT))
+    assert got[2].numel() == 0 and bool((out == 7.0).all())
+    for name, a, b in zip(("loss", "lse", "zdot"), (got[0], got[1], got[3]),
+                          (want[0], want[1], want[3])):
+        torch.testing.assert_close(a, b, rtol=TOL[dtype]["acc"][0], atol=TOL[dtype]["acc"][1],
+                                   msg=lambda s, name=name: f"{name}: {s}")
+
+
+@pytest.mark.parametrize("bad", [-1, C, 1 << 40])
+def test_bad_target_is_masked_and_recorded(bad):
+    """A target outside [0, C) (deferred checks): never an address, NaN loss, zero gradient
+    and zdot, like the reference; the first one is recorded for raise_recorded_errors."""
+    case = make_case(M, C, torch.float32, prob=False, weight=True, eps=0.1)
+    case.target[2] = bad
+    case.target[4] = -7  # a second bad row: only the first recorded value is reported
+    got = triton_ce.ce_rows(*case.args(), config=SMALL)
+    want = reference.ce_rows(*case.args())
+    assert torch.isnan(got[0][2]) and (got[2][2] == 0).all() and got[3][2] == 0
+    assert_rows_close(got, want, torch.float32, equal_nan=True)
+    with pytest.raises(IndexError, match=rf"Target {bad} is out of bounds.*{C}.*row 2"):
+        triton_ce.raise_recorded_errors()
+    triton_ce.raise_recorded_errors()  # cleared
+
+
 # Why each shape: a single class (the gradient vanishes); CIFAR-10 width, rows packed several
 # to a program; a width that is no power of two (masked tail in the default chunk); no rows.
 @pytest.mark.parametrize("m,c", [(3, 1), (8, 10), (6, 300), (0, 7)])
@@ -237,10 +274,12 @@ def test_rejects_bad_inputs():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
 def test_config_heuristic(dtype):
     acc_bytes = 8 if dtype == torch.float64 else 4
+    listed = {cfg for _, fp32_cfg, fp64_cfg in CE_CONFIGS for cfg in (fp32_cfg, fp64_cfg)}
     for m in (1, 3, 64, 16384):
         for c in (1, 10, 100, 1000, 1024, 32000, 262144, 2**20 + 3):
             cfg = ce_config(m, c, dtype)
-            assert cfg.block_m <= triton.next_power_of_2(m)
+            # only the listed shapes, which tools/check_triton.py compiles ahead of time
+            assert cfg in listed
             # the whole row, or a wide chunk
             assert cfg.block_v >= min(triton.next_power_of_2(c), 4096)
             assert cfg.block_m == 1 or cfg.block_v < 1024              # only narrow rows packed
@@ -264,3 +303,37 @@ def test_large_rows_cuda(m, c, dtype):
                                               grad_out=x)
     assert grad.numel() == 0
     assert_rows_close((loss[tail], lse[tail], x[tail], zdot[tail]), want, dtype)
+
+
+def test_every_launch_is_a_variant_compiled_ahead_of_time():
+    """tools/check_triton.py compiles its variants() for sm_80 and sm_90 in CI; whatever the
+    launchers pick for any shape and dtype must be one of them."""
+    import importlib.util
+    import pathlib
+
+    from tempsoft.kernels import triton_pgd
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "check_triton.py"
+    spec = importlib.util.spec_from_file_location("check_triton", path)
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("check_triton", tool)  # dataclasses look their module up there
+    spec.loader.exec_module(tool)
+    listed = {(v.kernel, dict(v.signature)["x_ptr"], dict(v.signature).get("act_ptr"),
+               v.constexprs, v.options) for v in tool.variants()}
+    names = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
+             torch.float64: "*fp64"}
+    for dtype, x_type in names.items():
+        for c in (1, 10, 64, 65, 100, 256, 1000, 1024, 1025, 4096, 32000, 262144, 2**20 + 3):
+            cfg = ce_config(4096, c, dtype)
+            for prob in (False, True):
+                key = ("ce", x_type, None, (("PROB_TARGET", prob), ("BLOCK_M", cfg.block_m),
+                                            ("BLOCK_V", cfg.block_v)),
+                       (("num_warps", cfg.num_warps),))
+                assert key in listed, key
+    for n in (1, 75, 128, 129, 3072, 150528):
+        for kernel in ("pgd_linf", "pgd_l2"):
+            for has_active in (False, True):
+                key = (kernel, "*fp32", "*u8" if has_active else "*fp32",
+                       (("HAS_ACTIVE", has_active), ("BLOCK", triton_pgd._block(n))),
+                       (("enable_fp_fusion", False),))
+                assert key in listed, key

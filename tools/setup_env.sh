@@ -3,8 +3,9 @@
 #   - creates $TEMPSOFT_VENV (default .venv) once, with $PYTHON (default python3);
 #   - installs torch ($TORCH_SPEC, default torch==2.13.0) unless the venv already has one,
 #     then the rest of requirements-dev.txt;
-#   - builds tempsoft._C (C++ CPU kernels, plus CUDA kernels when torch has CUDA) with an
-#     editable install, so later edits to Python files need no reinstall.
+#   - builds tempsoft._C (the op schemas, plus CUDA kernels when torch has CUDA) and the C++
+#     CPU kernels once per SIMD level, with an editable install, so later edits to Python
+#     files need no reinstall.
 # Source it (`. tools/setup_env.sh`) to stay in the venv, or let the run_* scripts call it.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,6 +28,8 @@ echo "[setup] building the native extension (a few minutes the first time)"
     --no-build-isolation --no-deps -e . )
 python - <<'PY'
 import tempsoft
+from tempsoft import _dispatch
 table = tempsoft.backends()
-print("[setup] backends: " + ", ".join(f"{k}={v!r}" for k, v in table.items()))
+print("[setup] backends: " + ", ".join(f"{k}={v!r}" for k, v in table.items())
+      + f"; CPU kernels: {_dispatch.cpu_level()}")
 PY

@@ -30,7 +30,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -39,6 +38,9 @@
 #include <optional>
 #include <tuple>
 #include <vector>
+
+#include "../op_args.h"
+#include "kernels.h"
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -153,7 +155,8 @@ struct Params {
   const acc_t* w;       // (C,) weights; ones when the caller passed none
   int64_t ignore_index;
   bool prob;            // probability targets
-  bool grad;            // compute_grad
+  bool zdot;            // grad_mode != none: zdot (sed in pass 1); the gradient is written
+                        // where the row's gradient pointer is not null
 };
 
 // Whether pass 2 takes exp(d_c) from pass 1 (rows of one block) or recomputes it from x.
@@ -334,7 +337,7 @@ class RowKernel {
   template <Terms kTerms>
   RowOut dispatch(const scalar_t* x, const scalar_t* q, int64_t y, acc_t t, acc_t gscale,
                   scalar_t* g, bool ignored) {
-    if (p_.grad && !ignored) return finite_row<true, kTerms>(x, q, y, t, gscale, g, ignored);
+    if (p_.zdot && !ignored) return finite_row<true, kTerms>(x, q, y, t, gscale, g, ignored);
     return finite_row<false, kTerms>(x, q, y, t, gscale, g, ignored);
   }
 
@@ -363,7 +366,7 @@ class RowKernel {
       if constexpr (kTerms == Terms::kProb) qb = as_acc(q + c0, n, sc_.qs);
       // A one-block row keeps its exponentials: its h is the final max m (or the row is
       // all -inf and takes the exact path).
-      acc_t* eb = kGrad && keeps_exp(C) ? sc_.e.data() : nullptr;
+      acc_t* eb = kGrad && g != nullptr && keeps_exp(C) ? sc_.e.data() : nullptr;
       sums.add(pass1_block<acc_t, kGrad, kTerms>(xb, p_.w + c0, qb, n, h, t, p_.one_m_eps,
                                                  p_.eps_c, eb));
     }
@@ -373,7 +376,7 @@ class RowKernel {
     RowOut out{0.0, log_s + double(m) * double(t), 0.0};
     if (ignored) {
       // loss 0; dloss/dz = p * 0 - 0 = 0, so zdot 0 and a zero gradient.
-      if (p_.grad) std::memset(static_cast<void*>(g), 0, sizeof(scalar_t) * C);
+      if (g != nullptr) std::memset(static_cast<void*>(g), 0, sizeof(scalar_t) * C);
       return out;
     }
 
@@ -412,6 +415,7 @@ class RowKernel {
     //      = A sed / s - [(1-eps) w_y d_y + eps/C sum w d]   (index)
     //      = S sed / s - sum w q' d                          (prob)
     out.zdot = A * sums.sed / sums.s - zdot_rest;
+    if (g == nullptr) return out;  // grad_mode zdot: no gradient to write
 
     // ---- 2. gradient ------------------------------------------------------------------
     // p_c = exp(d_c) / s, and with gst = grad_scale t:
@@ -483,7 +487,7 @@ class RowKernel {
       out.loss = loss;
       A = c_y + p_.eps_c * acc_t(p_.W);
     }
-    if (!p_.grad) return out;
+    if (!p_.zdot) return out;
 
     const acc_t gst = gscale * t;
     acc_t zdot = 0;
@@ -498,7 +502,7 @@ class RowKernel {
       }
       const acc_t dz = p * A - minus;
       if (dz != 0) zdot += dz * d;
-      g[c] = static_cast<scalar_t>(dz * gst);
+      if (g != nullptr) g[c] = static_cast<scalar_t>(dz * gst);
     }
     out.zdot = zdot;
     return out;
@@ -551,7 +555,7 @@ void check_index_targets(const at::Tensor& target, int64_t C, int64_t ignore_ind
 template <typename scalar_t>
 void ce_rows_impl(const at::Tensor& x, const at::Tensor& target, const at::Tensor& inv_t,
                   const at::Tensor& weight, int64_t ignore_index, double label_smoothing,
-                  const at::Tensor& grad_scale, bool compute_grad, at::Tensor& grad,
+                  const at::Tensor& grad_scale, int64_t grad_mode, at::Tensor& grad,
                   at::Tensor& loss, at::Tensor& lse, at::Tensor& zdot) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t M = x.size(0), C = x.size(1);
@@ -563,7 +567,8 @@ void ce_rows_impl(const at::Tensor& x, const at::Tensor& target, const at::Tenso
   p.one_m_eps = acc_t(1.0 - label_smoothing);
   p.ignore_index = ignore_index;
   p.prob = target.is_floating_point();
-  p.grad = compute_grad;
+  p.zdot = grad_mode != kGradNone;
+  const bool write = grad_mode == kGradFull;
   p.w = weight.data_ptr<acc_t>();
   double W = 0;
   for (int64_t c = 0; c < C; ++c) W += p.w[c];
@@ -575,14 +580,14 @@ void ce_rows_impl(const at::Tensor& x, const at::Tensor& target, const at::Tenso
   const acc_t* tp = inv_t.data_ptr<acc_t>();
   const acc_t* gsp = grad_scale.data_ptr<acc_t>();
   const bool t_rows = inv_t.numel() == M && M != 1, gs_rows = grad_scale.numel() == M && M != 1;
-  scalar_t* gp = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
+  scalar_t* gp = write ? grad.data_ptr<scalar_t>() : nullptr;
   acc_t* lossp = loss.data_ptr<acc_t>();
   acc_t* lsep = lse.data_ptr<acc_t>();
-  acc_t* zdotp = compute_grad ? zdot.data_ptr<acc_t>() : nullptr;
+  acc_t* zdotp = p.zdot ? zdot.data_ptr<acc_t>() : nullptr;
   constexpr bool staged = !std::is_same_v<scalar_t, acc_t>;
 
   at::parallel_for(0, M, grain_rows(C), [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> scratch(C, compute_grad, staged);
+    Scratch<acc_t> scratch(C, write, staged);
     RowKernel<scalar_t, acc_t> kernel(p, scratch);
     for (int64_t i = begin; i < end; ++i) {
       const RowOut r = kernel.run(xp + i * C, qp ? qp + i * C : nullptr, yp ? yp[i] : 0,
@@ -595,11 +600,15 @@ void ce_rows_impl(const at::Tensor& x, const at::Tensor& target, const at::Tenso
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_rows_cpu(
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu::ce_rows(
     const at::Tensor& x, const at::Tensor& target, const at::Tensor& inv_t,
     const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
-    const at::Tensor& grad_scale, bool compute_grad, const std::optional<at::Tensor>& grad_out) {
+    const at::Tensor& grad_scale, int64_t grad_mode, const std::optional<at::Tensor>& grad_out) {
   // ---- checks: everything a direct call could get wrong, before any row is read ----
+  check_grad_mode(grad_mode);
+  const bool write = grad_mode == kGradFull;
   TORCH_CHECK(x.device().is_cpu(), "ce_rows (CPU): x must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 2, "ce_rows: x must be 2-D (rows, classes), got shape ", x.sizes());
   const auto dt = x.scalar_type();
@@ -643,7 +652,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_rows_cpu(
   } else {
     w = at::ones({C}, x.options().dtype(acc));
   }
-  const bool into_out = compute_grad && grad_out.has_value() && grad_out->defined();
+  const bool into_out = write && grad_out.has_value() && grad_out->defined();
   if (into_out) {
     TORCH_CHECK(grad_out->device().is_cpu(), "ce_rows: grad_out must be a CPU tensor, got ",
                 grad_out->device());
@@ -658,23 +667,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_rows_cpu(
   // ---- outputs ----
   const auto acc_opts = x.options().dtype(acc);
   at::Tensor loss = at::empty({M}, acc_opts), lse = at::empty({M}, acc_opts);
-  at::Tensor zdot = at::empty({compute_grad ? M : 0}, acc_opts);
-  at::Tensor grad = compute_grad && !into_out ? at::empty({M, C}, x.options())
-                                              : at::empty({0}, x.options());
-  if (compute_grad && !into_out) advise_huge_pages(grad);
+  at::Tensor zdot = at::empty({grad_mode != kGradNone ? M : 0}, acc_opts);
+  at::Tensor grad = write && !into_out ? at::empty({M, C}, x.options())
+                                       : at::empty({0}, x.options());
+  if (write && !into_out) advise_huge_pages(grad);
   at::Tensor grad_target = into_out ? *grad_out : grad;
   const at::Tensor it = inv_t.contiguous(), gs = grad_scale.contiguous();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "tempsoft_ce_rows_cpu", [&] {
-    ce_rows_impl<scalar_t>(x, tgt, it, w, ignore_index, label_smoothing, gs, compute_grad,
+    ce_rows_impl<scalar_t>(x, tgt, it, w, ignore_index, label_smoothing, gs, grad_mode,
                            grad_target, loss, lse, zdot);
   });
   return {loss, lse, grad, zdot};
 }
 
-}  // namespace
 }  // namespace tempsoft
-
-TORCH_LIBRARY_IMPL(tempsoft_C, CPU, m) {
-  m.impl("ce_rows", &tempsoft::ce_rows_cpu);
-}

@@ -14,12 +14,14 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <utility>
+
+#include "../op_args.h"
+#include "kernels.h"
 
 namespace {
 
@@ -194,46 +196,15 @@ void l2_row(T* x, const T* g, const T* x0, int64_t n, T eps, T alpha, T lo, T hi
   }
 }
 
-void check_args(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat,
-                const at::Tensor& eps, const at::Tensor& alpha,
-                const std::optional<at::Tensor>& active, int64_t norm) {
-  TORCH_CHECK(norm == 0 || norm == 2, "pgd_step_: norm must be 0 (Linf) or 2 (L2), got ", norm);
-  TORCH_CHECK(x_adv.dim() >= 1, "pgd_step_: x_adv needs a batch dimension, got shape ",
-              x_adv.sizes());
-  TORCH_CHECK(x_adv.is_contiguous() && grad.is_contiguous() && x_nat.is_contiguous(),
-              "pgd_step_: x_adv, grad and x_nat must be contiguous");
-  // L2 writes x_adv before its last read of grad and x_nat: they must be other memory.
-  TORCH_CHECK(!x_adv.is_alias_of(grad) && !x_adv.is_alias_of(x_nat),
-              "pgd_step_: grad and x_nat must not share memory with x_adv (pass copies)");
-  TORCH_CHECK(grad.sizes() == x_adv.sizes() && x_nat.sizes() == x_adv.sizes(),
-              "pgd_step_: shapes differ: x_adv ", x_adv.sizes(), ", grad ", grad.sizes(),
-              ", x_nat ", x_nat.sizes());
-  TORCH_CHECK(grad.scalar_type() == x_adv.scalar_type() &&
-                  x_nat.scalar_type() == x_adv.scalar_type() &&
-                  eps.scalar_type() == x_adv.scalar_type() &&
-                  alpha.scalar_type() == x_adv.scalar_type(),
-              "pgd_step_: x_adv, grad, x_nat, eps and alpha must share one dtype, got ",
-              x_adv.scalar_type(), ", ", grad.scalar_type(), ", ", x_nat.scalar_type(), ", ",
-              eps.scalar_type(), ", ", alpha.scalar_type());
-  const int64_t b = x_adv.size(0);
-  TORCH_CHECK(eps.dim() == 1 && eps.size(0) == b && eps.is_contiguous(),
-              "pgd_step_: eps must be a contiguous (", b, ",) tensor, got shape ", eps.sizes());
-  TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) == b && alpha.is_contiguous(),
-              "pgd_step_: alpha must be a contiguous (", b, ",) tensor, got shape ",
-              alpha.sizes());
-  if (active.has_value()) {
-    TORCH_CHECK(active->scalar_type() == at::kBool && active->dim() == 1 &&
-                    active->size(0) == b && active->is_contiguous(),
-                "pgd_step_: active must be a contiguous (", b, ",) bool tensor, got ",
-                active->scalar_type(), " of shape ", active->sizes());
-  }
-}
+}  // namespace
 
-void pgd_step_cpu(at::Tensor x_adv, const at::Tensor& grad, const at::Tensor& x_nat,
-                  const at::Tensor& eps, const at::Tensor& alpha,
-                  const std::optional<at::Tensor>& active, int64_t norm, double lower,
-                  double upper) {
-  check_args(x_adv, grad, x_nat, eps, alpha, active, norm);
+void tempsoft::cpu::pgd_step_(at::Tensor x_adv, const at::Tensor& grad, const at::Tensor& x_nat,
+                             const at::Tensor& eps, const at::Tensor& alpha,
+                             const std::optional<at::Tensor>& active, int64_t norm,
+                             double lower, double upper) {
+  TORCH_CHECK(x_adv.device().is_cpu(), "pgd_step_ (CPU): x_adv must be a CPU tensor, got ",
+              x_adv.device());
+  tempsoft::check_pgd_args(x_adv, grad, x_nat, eps, alpha, active, norm);
   const int64_t b = x_adv.size(0);
   if (b == 0 || x_adv.numel() == 0) return;
   const int64_t n = x_adv.numel() / b;
@@ -273,7 +244,3 @@ void pgd_step_cpu(at::Tensor x_adv, const at::Tensor& grad, const at::Tensor& x_
     }
   });
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(tempsoft_C, CPU, m) { m.impl("pgd_step_", &pgd_step_cpu); }

@@ -16,6 +16,7 @@
 #include <string>
 #include <tuple>
 
+#include "../op_args.h"
 #include "launch.h"
 
 namespace {
@@ -77,6 +78,16 @@ ErrorState& error_state(int device) {
   std::lock_guard<std::mutex> lock(g_error_mu);
   ErrorState& s = g_errors[device];
   if (s.flag == nullptr) {
+    // cudaMalloc / cudaMemset / cudaHostAlloc are not allowed while a stream captures a
+    // CUDA graph: the first call on a device must come before capture (the usual warm-up).
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(
+        static_cast<c10::DeviceIndex>(device)).stream();
+    check_cuda_call(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing");
+    TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
+                "tempsoft: the first CUDA cross-entropy call on device ", device,
+                " allocates its bad-target record; make one call on this device before CUDA "
+                "graph capture");
     void* flag = nullptr;
     void* host = nullptr;
     void* mapped = nullptr;
@@ -186,8 +197,11 @@ void check_acc_vector(const at::Tensor& t, const at::Tensor& x, at::ScalarType a
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_rows_cuda(
     const at::Tensor& x, const at::Tensor& target, const at::Tensor& inv_t,
     const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
-    const at::Tensor& grad_scale, bool compute_grad, const std::optional<at::Tensor>& grad_out) {
+    const at::Tensor& grad_scale, int64_t grad_mode, const std::optional<at::Tensor>& grad_out) {
   TORCH_CHECK(x.is_cuda(), "ce_rows (CUDA): x must be a CUDA tensor, got ", x.device());
+  tempsoft::check_grad_mode(grad_mode);
+  const bool compute_grad = grad_mode != tempsoft::kGradNone;  // zdot
+  const bool write_grad = grad_mode == tempsoft::kGradFull;
   TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(),
                     "ce_rows: x must be a contiguous (rows, classes) tensor, got shape ",
                     x.sizes());
@@ -223,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_rows_cuda(
                       "ce_rows: weight must be contiguous of shape (", cols, ",), got ",
                       weight->sizes());
   }
-  if (grad_out.has_value()) {
+  if (write_grad && grad_out.has_value()) {
     check_same_device(*grad_out, x, "grad_out");
     TORCH_CHECK_TYPE(grad_out->scalar_type() == x.scalar_type(), "ce_rows: grad_out must have "
                      "x's dtype ", x.scalar_type(), ", got ", grad_out->scalar_type());
@@ -244,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_rows_cuda(
   at::Tensor grad = at::empty({0}, x.options());
   at::Tensor grad_dst;      // where the kernel writes the gradient
   at::Tensor copy_back_to;  // grad_out, when it could not be written directly
-  if (compute_grad) {
+  if (write_grad) {
     if (!grad_out.has_value()) {
       grad = rows == 0 ? at::empty({0, cols}, x.options()) : congruent_empty(x);
       grad_dst = grad;
@@ -276,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_rows_cuda(
   a.ignore_index = ignore_index;
   a.label_smoothing = label_smoothing;
   a.compute_grad = compute_grad;
-  a.grad = compute_grad ? grad_dst.data_ptr() : nullptr;
+  a.grad = write_grad ? grad_dst.data_ptr() : nullptr;
   a.loss = loss.data_ptr();
   a.lse = lse.data_ptr();
   a.zdot = compute_grad ? zdot.data_ptr() : nullptr;
@@ -301,45 +315,11 @@ void pgd_step_cuda(at::Tensor x_adv, const at::Tensor& grad, const at::Tensor& x
                    const at::Tensor& eps, const at::Tensor& alpha,
                    const std::optional<at::Tensor>& active, int64_t norm, double lower,
                    double upper) {
-  TORCH_CHECK_VALUE(norm == 0 || norm == 2, "pgd_step_: norm must be 0 (Linf) or 2 (L2), got ",
-                    norm);
   TORCH_CHECK(x_adv.is_cuda(), "pgd_step_ (CUDA): x_adv must be a CUDA tensor, got ",
               x_adv.device());
-  TORCH_CHECK_VALUE(x_adv.dim() >= 1, "pgd_step_: x_adv needs a batch dimension, got shape ",
-                    x_adv.sizes());
-  TORCH_CHECK_VALUE(x_adv.is_contiguous() && grad.is_contiguous() && x_nat.is_contiguous(),
-                    "pgd_step_: x_adv, grad and x_nat must be contiguous");
-  TORCH_CHECK_VALUE(grad.sizes() == x_adv.sizes() && x_nat.sizes() == x_adv.sizes(),
-                    "pgd_step_: shapes differ: x_adv ", x_adv.sizes(), ", grad ", grad.sizes(),
-                    ", x_nat ", x_nat.sizes());
+  tempsoft::check_pgd_args(x_adv, grad, x_nat, eps, alpha, active, norm);
   const at::ScalarType st = x_adv.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble,
-                   "pgd_step_: expected float32 or float64, got ", st);
-  TORCH_CHECK_TYPE(grad.scalar_type() == st && x_nat.scalar_type() == st &&
-                       eps.scalar_type() == st && alpha.scalar_type() == st,
-                   "pgd_step_: x_adv, grad, x_nat, eps and alpha must share one dtype, got ", st,
-                   ", ", grad.scalar_type(), ", ", x_nat.scalar_type(), ", ", eps.scalar_type(),
-                   ", ", alpha.scalar_type());
   const int64_t b = x_adv.size(0);
-  TORCH_CHECK_VALUE(eps.dim() == 1 && eps.size(0) == b && eps.is_contiguous(),
-                    "pgd_step_: eps must be a contiguous (", b, ",) tensor, got shape ",
-                    eps.sizes());
-  TORCH_CHECK_VALUE(alpha.dim() == 1 && alpha.size(0) == b && alpha.is_contiguous(),
-                    "pgd_step_: alpha must be a contiguous (", b, ",) tensor, got shape ",
-                    alpha.sizes());
-  for (const at::Tensor* t : {&grad, &x_nat, &eps, &alpha}) {
-    TORCH_CHECK(t->device() == x_adv.device(), "pgd_step_: all tensors must be on ",
-                x_adv.device(), ", got one on ", t->device());
-  }
-  if (active.has_value()) {
-    TORCH_CHECK_TYPE(active->scalar_type() == at::kBool, "pgd_step_: active must be bool, got ",
-                     active->scalar_type());
-    TORCH_CHECK_VALUE(active->dim() == 1 && active->size(0) == b && active->is_contiguous(),
-                      "pgd_step_: active must be a contiguous (", b, ",) tensor, got shape ",
-                      active->sizes());
-    TORCH_CHECK(active->device() == x_adv.device(), "pgd_step_: active is on ",
-                active->device(), " but x_adv is on ", x_adv.device());
-  }
   if (b == 0 || x_adv.numel() == 0) return;
 
   const c10::cuda::CUDAGuard guard(x_adv.device());

@@ -11,6 +11,8 @@
 #include <set>
 #include <utility>
 
+#include "arch.h"
+
 namespace tempsoft {
 namespace cuda {
 namespace detail {
@@ -47,10 +49,8 @@ inline cudaError_t device_info(int device, DeviceInfo* out) {
   return cudaSuccess;
 }
 
-// Whether `kernel` may be launched in clusters on `device`: the device must be sm_90+ and
-// the code that runs must have been compiled for sm_90+ too. (A build for 8.0+PTX that the
-// driver JIT-compiles for an H100 has no cluster barriers in it: the device code of
-// cluster_sync below compiles to nothing below sm_90, so such a launch would be wrong.)
+// Whether `kernel` may be launched in clusters on `device` (the rule: arch.h,
+// cluster_launch_allowed), from the versions the loaded code reports.
 inline bool clusters_supported(const void* kernel, int device, const DeviceInfo& info) {
   static std::mutex mu;
   static std::map<std::pair<const void*, int>, bool> cached;
@@ -62,7 +62,9 @@ inline bool clusters_supported(const void* kernel, int device, const DeviceInfo&
     cudaFuncAttributes attr;
     const cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
     if (e != cudaSuccess) (void)cudaGetLastError();
-    it = cached.emplace(key, e == cudaSuccess && attr.binaryVersion >= 90).first;
+    const bool ok = e == cudaSuccess &&
+                    cluster_launch_allowed(info.cc_major, attr.ptxVersion, attr.binaryVersion);
+    it = cached.emplace(key, ok).first;
   }
   return it->second;
 }

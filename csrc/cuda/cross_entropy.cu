@@ -446,8 +446,9 @@ __device__ __forceinline__ void ce_row(const CeArgs& a, int64_t row, int rank, i
   // ---- 2. gradient pass -----------------------------------------------------------------
   Sums<A> acc{A(0), A(0)};
   if (pass2) {
-    T* gr = a.compute_grad ? static_cast<T*>(a.grad) + row * a.cols : nullptr;
-    uint4* gv = a.compute_grad ? reinterpret_cast<uint4*>(gr + head) : nullptr;
+    // No gradient buffer: grad_mode zdot (sums only) or a forward pass with smoothing.
+    T* gr = a.grad != nullptr ? static_cast<T*>(a.grad) + row * a.cols : nullptr;
+    uint4* gv = gr != nullptr ? reinterpret_cast<uint4*>(gr + head) : nullptr;
     // dz for one class; updates the sums.
     auto dz_of = [&](A xval, A qval, int c) -> A {
       const A t = sgn * xval - r;

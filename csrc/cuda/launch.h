@@ -44,8 +44,9 @@ struct CeArgs {
   int64_t grad_scale_stride = 1;     // 1 or 0
   int64_t ignore_index = -100;
   double label_smoothing = 0.0;
-  bool compute_grad = true;
-  void* grad = nullptr;              // (rows, cols) of dtype; may equal x; null if !compute_grad
+  bool compute_grad = true;          // zdot (grad_mode full or zdot)
+  void* grad = nullptr;              // (rows, cols) of dtype; may equal x; null: no gradient
+                                     // is written (grad_mode zdot or none)
   void* loss = nullptr;              // (rows,) acc
   void* lse = nullptr;               // (rows,) acc
   void* zdot = nullptr;              // (rows,) acc; null if !compute_grad

@@ -3,23 +3,35 @@
 Row contract of the fused cross-entropy (all backends implement exactly this):
 
     ce_rows(x, target, inv_t, weight, ignore_index, label_smoothing, grad_scale,
-            compute_grad, grad_out)
+            grad_mode, grad_out)
         x           (M, C) contiguous logits, fp32 / fp64 / fp16 / bf16
-        target      (M,) int64 class indices (already range-checked by the caller), or
-                    (M, C) contiguous class probabilities in the dtype of x
+        target      (M,) int64 class indices, or (M, C) contiguous class probabilities in
+                    the dtype of x
         inv_t       (M,) or (1,) reciprocal temperature per row, acc dtype (see below)
         weight      (C,) class weights in the acc dtype, or None (all ones)
         grad_scale  (M,) or (1,) acc dtype: the gradient written is grad_scale * dloss/dx
-                    (the reduction's 1/denominator, so backward has nothing left to do)
+                    (the reduction's 1/denominator, times grad_output when the gradient is
+                    written in the backward pass)
+        grad_mode   GRAD_NONE (0): loss and lse only
+                    GRAD_FULL (1): also zdot and the gradient
+                    GRAD_ZDOT (2): also zdot, without computing or storing the gradient
+                    (0 and 1 are the False and True of the boolean this argument replaced)
         grad_out    None, or an (M, C) tensor of x.dtype to write the gradient into;
                     it may be x itself (the in-place backward)
       returns (loss, lse, grad, zdot):
         loss  (M,) acc dtype   per-row loss, 0 for rows whose target is ignore_index
         lse   (M,) acc dtype   logsumexp of z = x * inv_t
-        grad  (M, C) x.dtype   grad_scale * d loss_i / d x_i; empty when compute_grad is
-                               False or when it was written into grad_out
+        grad  (M, C) x.dtype   grad_scale * d loss_i / d x_i, computed in the acc dtype and
+                               rounded once; empty unless grad_mode is GRAD_FULL, and when it
+                               was written into grad_out
         zdot  (M,) acc dtype   sum_c (d loss_i / d z_ic) * z_ic, unscaled, for dL/dT;
-                               empty when compute_grad is False
+                               empty when grad_mode is GRAD_NONE
+
+    An index target outside [0, C) that is not ignore_index reaches a kernel only when its
+    caller deferred the range check (TEMPSOFT_DEFERRED_CHECKS=1 on a GPU backend). Such a
+    target is never used as an index: its row gets loss NaN, a zero gradient and zdot 0, and
+    the GPU kernels record the first one for ``tempsoft.check_errors()``. (The C++ CPU kernel
+    never defers: it raises IndexError before reading any row.)
 
     With z = x * inv_t, p = softmax(z), eps = label_smoothing, w = weight, W = sum_c w_c:
       index target y:  loss = (1-eps) w_y (lse - z_y) + eps/C * sum_c w_c (lse - z_c)
@@ -44,6 +56,11 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# grad_mode values of ce_rows (see the contract above).
+GRAD_NONE, GRAD_FULL, GRAD_ZDOT = 0, 1, 2
+GRAD_MODES = (GRAD_NONE, GRAD_FULL, GRAD_ZDOT)
+
+
 def ce_rows(
     x: torch.Tensor,
     target: torch.Tensor,
@@ -52,10 +69,13 @@ def ce_rows(
     ignore_index: int,
     label_smoothing: float,
     grad_scale: torch.Tensor,
-    compute_grad: bool,
+    grad_mode: int,
     grad_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference for the fused row kernel; see the module docstring for the contract."""
+    grad_mode = int(grad_mode)
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode}")
     acc = acc_dtype(x.dtype)
     m_rows, n_cls = x.shape
     xf = x.to(acc)
@@ -78,7 +98,9 @@ def ce_rows(
         dz_coef = wq.sum(dim=1, keepdim=True)           # S
         dz_minus = wq
     else:
-        valid = target != ignore_index
+        counted = target != ignore_index
+        bad = counted & ((target < 0) | (target >= n_cls))   # only with deferred checks
+        valid = counted & ~bad
         y = torch.where(valid, target, torch.zeros_like(target)).long()
         w_y = w[y] * valid.to(acc)
         nll = nlp.gather(1, y.unsqueeze(1)).squeeze(1)
@@ -87,27 +109,32 @@ def ce_rows(
             # Only with smoothing: a -inf logit elsewhere in the row makes it inf, as in PyTorch.
             loss = loss + (eps / n_cls) * (w * nlp).sum(dim=1)
         loss = torch.where(valid, loss, torch.zeros_like(loss))
+        loss = torch.where(bad, torch.full_like(loss, float("nan")), loss)
         dz_coef = ((1.0 - eps) * w_y + (eps / n_cls) * w.sum()).unsqueeze(1)   # A
         onehot = torch.zeros_like(xf).scatter_(1, y.unsqueeze(1), 1.0)
         dz_minus = (1.0 - eps) * w_y.unsqueeze(1) * onehot + (eps / n_cls) * w
         dz_minus = dz_minus * valid.to(acc).unsqueeze(1)
         dz_coef = dz_coef * valid.to(acc).unsqueeze(1)
 
-    if not compute_grad:
+    if grad_mode == GRAD_NONE:
         empty = x.new_empty(0, dtype=acc)
         return loss, lse, x.new_empty(0), empty
 
     p = torch.exp(-nlp)
     dz = p * dz_coef - dz_minus
+    if not target.is_floating_point():
+        # A bad target's row has no gradient, whatever its logits hold.
+        dz = torch.where(bad.unsqueeze(1), torch.zeros_like(dz), dz)
     # Classes with p = 0 and d = -inf would give 0 * inf; their term belongs to the
     # smoothing part only, which multiplies a finite weight.
     zdot = torch.where(dz == 0, torch.zeros_like(dz), dz * d).sum(dim=1)
+    if grad_mode == GRAD_ZDOT:
+        return loss, lse, x.new_empty(0), zdot
     grad = (dz * (it * grad_scale.to(acc).reshape(-1, 1))).to(x.dtype)
     if grad_out is not None:
         grad_out.copy_(grad)
         grad = x.new_empty(0)
     return loss, lse, grad, zdot
-
 
 
 # --------------------------------------------------------------------------------------

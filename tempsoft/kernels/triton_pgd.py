@@ -7,16 +7,40 @@ row three times (gradient norm, norm of the stepped offset, write), with fp64 ac
 Both launch with ``enable_fp_fusion=False``: the reference rounds each product before the
 add, and an FMA would change the last bit. The divisions and square roots run in fp64,
 where Triton emits the IEEE-rounded instructions (its fast approximate forms are fp32 only).
+Minimum and maximum propagate NaN, as torch.clamp / minimum / maximum do in the reference
+(tl.minimum and tl.maximum return the other operand on the GPU and under the interpreter).
+
+Block sizes come from ``PGD_BLOCKS`` only, so that tools/check_triton.py can compile every
+variant the launcher can pick ahead of time.
 """
 import torch
 import triton
 import triton.language as tl
 
 from tempsoft._dispatch import triton_interpreted
+from tempsoft.kernels.triton_support import on_device
 
-_LINF_BLOCK = 1024
-_L2_BLOCK = 1024
+# Elements per program step: small rows (the interpreter runs one numpy op per block, and
+# CIFAR-sized rows need no more) and large ones.
+PGD_BLOCKS = (128, 1024)
 _MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (blocks per sample)
+
+
+@triton.jit
+def _min_nan(a, b):
+    # a if a < b or a is NaN; otherwise b (which is then the minimum, or NaN).
+    return tl.where((a < b) | (a != a), a, b)
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.where((a > b) | (a != a), a, b)
+
+
+@triton.jit
+def _clamp_nan(v, lo, hi):
+    return _min_nan(_max_nan(v, lo), hi)
+
 
 @triton.jit
 def _sign(g):
@@ -48,8 +72,8 @@ def _pgd_linf_kernel(
     g = tl.load(g_ptr + base + offs, mask=mask, other=0.0)
     x0 = tl.load(x0_ptr + base + offs, mask=mask, other=0.0)
     a = x + alpha * _sign(g)                       # alpha * sign is exact
-    d = tl.minimum(tl.maximum(a - x0, -eps), eps)  # offset clamped to the ball
-    out = tl.minimum(tl.maximum(x0 + d, lower), upper)
+    d = _clamp_nan(a - x0, -eps, eps)              # offset clamped to the ball
+    out = _clamp_nan(x0 + d, lower, upper)
     tl.store(x_ptr + base + offs, out, mask=mask)
 
 
@@ -99,13 +123,16 @@ def _pgd_l2_kernel(
         g = tl.load(g_ptr + base + start + cols, mask=m, other=0.0)
         x0 = tl.load(x0_ptr + base + start + cols, mask=m, other=0.0)
         d = ((x + tl.where(step, g * scale, 0.0)) - x0) * f
-        out = tl.minimum(tl.maximum(x0 + d, lower), upper)
+        out = _clamp_nan(x0 + d, lower, upper)
         tl.store(x_ptr + base + start + cols, out, mask=m)
 
 
-def _block(n: int, cap: int) -> int:
-    # The interpreter runs one numpy op per block: small rows should not pay for 1024 lanes.
-    return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
+def _block(n: int) -> int:
+    """The smallest of PGD_BLOCKS that covers a row of n elements, else the largest."""
+    for block in PGD_BLOCKS:
+        if n <= block:
+            return block
+    return PGD_BLOCKS[-1]
 
 
 def pgd_step_(x_adv, grad, x_nat, eps, alpha, active, norm, lower, upper) -> None:
@@ -121,23 +148,21 @@ def pgd_step_(x_adv, grad, x_nat, eps, alpha, active, norm, lower, upper) -> Non
     # interpreter. A pointer argument must be a tensor; eps stands in when there is no mask.
     act = active.view(torch.uint8) if has_active else eps
     opts = {} if triton_interpreted() else {"enable_fp_fusion": False}
+    block = _block(n)
     if norm == 0:
-        block = _block(n, _LINF_BLOCK)
         grid = (batch, triton.cdiv(n, block))
         if grid[1] > _MAX_GRID_Y:
             raise ValueError(
                 f"the Triton Linf kernel takes at most {_MAX_GRID_Y * block} elements per "
                 f"sample, got {n}"
             )
-        _pgd_linf_kernel[grid](
-            x_adv, grad, x_nat, eps, alpha, act, n, float(lower), float(upper),
-            HAS_ACTIVE=has_active, BLOCK=block, **opts,
-        )
+        kernel = _pgd_linf_kernel
     elif norm == 2:
-        block = _block(n, _L2_BLOCK)
-        _pgd_l2_kernel[(batch,)](
-            x_adv, grad, x_nat, eps, alpha, act, n, float(lower), float(upper),
-            HAS_ACTIVE=has_active, BLOCK=block, **opts,
-        )
+        grid = (batch,)
+        kernel = _pgd_l2_kernel
     else:
         raise ValueError(f"norm must be 0 (Linf) or 2 (L2), got {norm!r}")
+    # Launch on the tensors' device (and its current stream), not on the current device.
+    with on_device(x_adv):
+        kernel[grid](x_adv, grad, x_nat, eps, alpha, act, n, float(lower), float(upper),
+                     HAS_ACTIVE=has_active, BLOCK=block, **opts)

@@ -1,0 +1,29 @@
+// The C++ CPU kernels of the tempsoft_C ops. csrc/cpu/level.cpp compiles them once per SIMD
+// capability level into its own module (tempsoft._cpu_<level>), and registers one level's as
+// the ops' CPU kernels at run time (tempsoft/_dispatch.py chooses which).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+namespace tempsoft {
+namespace cpu {
+
+// Contract: tempsoft/kernels/reference.py, ce_rows.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_rows(
+    const at::Tensor& x, const at::Tensor& target, const at::Tensor& inv_t,
+    const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
+    const at::Tensor& grad_scale, int64_t grad_mode, const std::optional<at::Tensor>& grad_out);
+
+// Contract: tempsoft/kernels/reference.py, pgd_step. x_adv by value: every backend of one
+// op registers the same C++ signature.
+void pgd_step_(at::Tensor x_adv, const at::Tensor& grad, const at::Tensor& x_nat,
+               const at::Tensor& eps, const at::Tensor& alpha,
+               const std::optional<at::Tensor>& active, int64_t norm, double lower,
+               double upper);
+
+}  // namespace cpu
+}  // namespace tempsoft
