@@ -167,7 +167,12 @@ def _add_eval_settings(p) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--device", default="auto")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--released-c-root", default=None)
+    p.add_argument("--released-c-root", default=None,
+                   help="a folder holding the released CIFAR-10-C / CIFAR-100-C / "
+                   "Tiny-ImageNet-C (evaluation released_c)")
+    p.add_argument("--released-p-root", default=None,
+                   help="likewise for CIFAR-10-P / CIFAR-100-P / Tiny-ImageNet-P "
+                   "(evaluation released_p)")
     p.add_argument("--cifar101-root", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results to this file")
@@ -208,6 +213,7 @@ def _settings_from(args):
                   pgd_l2_eps=args.l2_eps, pgd_l2_alpha=args.l2_alpha, pgd_steps=args.steps,
                   pgd_restarts=args.restarts, pgd_T=args.pgd_T, batch_size=args.batch_size,
                   device=args.device, released_c_root=args.released_c_root,
+                  released_p_root=args.released_p_root,
                   cifar101_root=args.cifar101_root, seed=args.seed, audit_steps=args.steps,
                   audit_apgd_steps=args.apgd_steps, audit_autoattack=args.autoattack,
                   audit_square_queries=args.square_queries)
