@@ -11,7 +11,8 @@
 #   cifar10-cpu-lrxT  the same with the SGD learning rate scaled by T (step size held fixed)
 #   cifar10-cpu-at    PGD adversarial training at T = 1, 10, 100 (one seed; reduced: 4
 #                     epochs, 5 steps of 2/255; AutoAttack's APGD-CE + APGD-T in the audit)
-#   cifar10-cpu-vit   vit_tiny at T = 0.1, 1, 10, 100 (one seed, AdamW, 5 epochs)
+#   cifar10-cpu-vit   vit_tiny at T = 0.1, 1, 10, 100 (one seed, AdamW without weight decay
+#                     on norms, biases, position embedding and class token, 5 epochs)
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 data="${1:?usage: run_cifar10_cpu.sh DATA_ROOT [run ...]}"
@@ -32,7 +33,8 @@ args_for() {
       --set grid.seeds=[0] --set eval.audit_autoattack=\"custom\"" ;;
     cifar10-cpu-vit) echo "--set grid.models=[\"vit_tiny\"] --set grid.temperatures=[0.1,1.0,10.0,100.0]
       --set grid.seeds=[0] --set models.vit_tiny.optimizer=\"adamw\" --set models.vit_tiny.lr=0.002
-      --set models.vit_tiny.weight_decay=0.05 --set models.vit_tiny.epochs=5
+      --set models.vit_tiny.weight_decay=0.05 --set models.vit_tiny.decay_all_params=false
+      --set models.vit_tiny.epochs=5
       --set models.vit_tiny.amp=\"off\" --set models.vit_tiny.channels_last=false" ;;
     *) echo "unknown run $1" >&2; exit 2 ;;
   esac
