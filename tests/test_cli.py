@@ -91,7 +91,7 @@ def test_reproduce_dry_run_and_list(capsys):
     assert "digits/small_cnn/standard/T=0.1/seed=0" in out and "14 cells" in out
     assert main(["reproduce", "--preset", "cifar10-gpu-short", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "7 cells" in out and "one H100/H200 (estimated)" in out
+    assert "7 cells" in out and "on one H100/H200 (estimated" in out
     assert "not a measurement" in out
     assert main(["reproduce", "--list"]) == 0
     listing = capsys.readouterr().out
