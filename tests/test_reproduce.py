@@ -98,7 +98,7 @@ def test_gpu_presets_follow_the_reference_recipes(name):
 
 
 def test_the_short_gpu_preset_is_the_grid_in_one_slot():
-    from tempsoft.estimate import estimate_preset
+    from tempsoft.study.estimate import estimate_preset
 
     preset = load_preset("cifar10-gpu-short")
     assert preset.models == ["cifar_cnn_wide"] and len(preset.temperatures) == 7
@@ -114,7 +114,7 @@ def test_the_short_gpu_preset_is_the_grid_in_one_slot():
 
 
 def test_the_estimate_counts_model_flops_per_layer():
-    from tempsoft.estimate import forward_flops
+    from tempsoft.study.estimate import forward_flops
 
     # ResNet-18 (CIFAR stem) is 0.56 GMACs at 32x32; WRN-28-10 5.25 GMACs.
     assert forward_flops("resnet18", 10, 3, 32) == pytest.approx(1.11e9, rel=0.01)

@@ -11,7 +11,7 @@ device, plus each cell's evaluation, from the preset's ``[costs]`` table.
 A key "dataset/model" (quoted in TOML) overrides the model's figure for that dataset (64x64
 Tiny-ImageNet images cost about 4x CIFAR's 32x32).
 
-With ``basis = "estimated"`` the table states no figures: tempsoft/estimate.py computes every
+With ``basis = "estimated"`` the table states no figures: tempsoft/study/estimate.py computes every
 cell's training and evaluation time on one H100/H200 from the model's FLOPs and the preset's
 passes (its docstring gives the basis), plus the start-up and the CPU image generation.
 
@@ -27,8 +27,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from tempsoft.study.estimate import DATASET_SIZES
+
 # Training examples of each dataset's train split (the official splits).
-TRAIN_EXAMPLES = {"digits": 1437, "cifar10": 50000, "cifar100": 50000, "tinyimagenet": 100000}
+TRAIN_EXAMPLES = {name: sizes[0] for name, sizes in DATASET_SIZES.items()}
 BASES = ("measured", "stated", "estimated")
 _KEYS = {"device", "basis", "source", "train_images_per_s", "eval_seconds", "train_examples"}
 
@@ -140,8 +142,8 @@ def project(preset) -> Projection:
 
 
 def _estimated(preset, costs) -> Projection:
-    """The projection from tempsoft/estimate.py's per-cell estimate, grouped as above."""
-    from tempsoft.estimate import BASIS, estimate_preset
+    """The projection from tempsoft/study/estimate.py's per-cell estimate, grouped as above."""
+    from tempsoft.study.estimate import BASIS, estimate_preset
     from tempsoft.study.grid import cells, train_config
 
     estimate = estimate_preset(preset)

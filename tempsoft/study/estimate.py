@@ -57,7 +57,7 @@ BASIS = ("estimate, not a measurement (no GPU run yet): FLOPs counted per layer,
          "for evaluation (half and a quarter of airbench94's 94 TFLOP/s on an A100), at least "
          f"{STEP_SECONDS * 1e3:.0f} ms per forward+backward call, every attack on every image, "
          "CPU image generation at the speed measured on the development machine; see "
-         "tempsoft/estimate.py")
+         "tempsoft/study/estimate.py")
 
 
 @dataclasses.dataclass
