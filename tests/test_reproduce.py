@@ -109,7 +109,8 @@ def test_the_short_gpu_preset_is_the_grid_in_one_slot():
     projection = rp.project(preset)                 # what --dry-run prints
     assert projection.seconds == pytest.approx(estimate.total)
     text = str(projection)
-    assert "one H100/H200 (estimated)" in text and "not a measurement" in text
+    assert "one H100/H200 (estimated; tempsoft/study/estimate.py)" in text
+    assert "not a measurement" in text
     assert "once: start-up and CPU image generation" in text
 
 
