@@ -51,6 +51,18 @@ def test_claim_1_moderate_temperature(accs, verdict):
     assert "best interior T = 1" in v.reason
 
 
+def test_claim_1_table_compares_with_t1_and_with_the_best_t_once_each():
+    best_is_one = judge(_claim("1"), _rows("clean_acc", {0.1: 0.70, 1.0: 0.80, 10.0: 0.75,
+                                                          100.0: 0.60}))
+    rows = [line for line in best_is_one.tables[0] if line.startswith("| paired difference")]
+    assert [r.split(",")[0] for r in rows] == ["| paired difference vs T=1"]
+    best_is_ten = judge(_claim("1"), _rows("clean_acc", {0.1: 0.70, 1.0: 0.78, 10.0: 0.80,
+                                                          100.0: 0.60}))
+    rows = [line for line in best_is_ten.tables[0] if line.startswith("| paired difference")]
+    assert [r.split(",")[0] for r in rows] == ["| paired difference vs T=1",
+                                               "| paired difference vs T=10"]
+
+
 def test_claim_1_needs_three_temperatures():
     assert judge(_claim("1"), _rows("clean_acc", {1.0: 0.8, 10.0: 0.7})).verdict == NOT_TESTED
 

@@ -213,9 +213,11 @@ def _temperature_table(metric: Metric, values: dict[float, dict[int, float]],
         text = metric.fmt(m) + ("" if math.isnan(sd) else f" ± {metric.fmt(sd)}")
         cells.append(text)
     lines = head + ["| mean ± sd over seeds |" + "".join(f" {c} |" for c in cells)]
-    refs = ((1.0, "vs T=1"), (best, f"vs T={best:g}" if best is not None else ""))
+    refs = [(1.0, "vs T=1")]
+    if best is not None and best != 1.0:   # T* = 1 would repeat the row above
+        refs.append((best, f"vs T={best:g}"))
     for ref, label in refs if metric.ranked else ():
-        if ref is None or ref not in values:
+        if ref not in values:
             continue
         diffs = []
         for t in temps:
