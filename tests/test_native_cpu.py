@@ -301,6 +301,51 @@ def test_non_finite_rows_match_reference(dtype, eps):
     assert bool(torch.isfinite(got[0][4])) == (eps == 0.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_wide_rows_in_place_with_non_finite_logits(dtype):
+    # Rows wider than a block keep their exponentials in the gradient row, which in place
+    # is x itself: a NaN or +inf found in a later block must still reach the exact path
+    # with x intact, and -inf logits (a whole first block of them included) must give the
+    # same gradient in place as out of place.
+    x, tgt, inv_t, _, gscale = make_case(6, 4500, dtype, per_row=True)
+    x[0, 4400] = float("nan")
+    x[1, 3000] = float("inf")
+    x[2] = float("-inf")
+    x[3, :2048] = float("-inf")
+    tgt[3] = 3000
+    x[4, ::7] = float("-inf")
+    tgt[4] = 1
+    want = reference.ce_rows(x, tgt, inv_t, None, IGNORE, 0.0, gscale, True)
+    fresh = OPS.ce_rows(x, tgt, inv_t, None, IGNORE, 0.0, gscale, True, None)
+    xi = x.clone()
+    inplace = OPS.ce_rows(xi, tgt, inv_t, None, IGNORE, 0.0, gscale, True, xi)
+    assert torch.equal(xi.isnan(), fresh[2].isnan())
+    assert torch.equal(torch.nan_to_num(xi), torch.nan_to_num(fresh[2]))
+    for k in (0, 1, 3):
+        assert torch.equal(inplace[k].nan_to_num(), fresh[k].nan_to_num())
+    for name, a, b in zip(("loss", "lse", "grad", "zdot"), fresh, want):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+    assert bool((fresh[2][3, :2048] == 0).all()) and bool(torch.isfinite(fresh[0][3:]).all())
+
+
+def test_probabilities_keep_their_relative_accuracy_down_to_the_smallest_normal():
+    # Shifted logits d from 0 down to -100 in one row: every gradient entry (grad_scale *
+    # inv_t * p_c off the target) must carry the precision of fp32, not just an absolute
+    # error small next to the largest entry.  (The fp32 exponential is a polynomial of the
+    # kernels' own; this is its accuracy check through the op.)
+    x = torch.linspace(-100.0, 0.0, 5000, dtype=torch.float32).reshape(1, -1)
+    tgt = torch.tensor([4999])
+    one = torch.ones(1)
+    got = OPS.ce_rows(x, tgt, one, None, IGNORE, 0.0, one, True, None)[2][0].double()
+    want = reference.ce_rows(x.double(), tgt, one.double(), None, IGNORE, 0.0, one.double(),
+                             True)[2][0]
+    normal = want[:-1] > torch.finfo(torch.float32).tiny
+    rel = (got[:-1][normal] / want[:-1][normal] - 1).abs()
+    assert float(rel.max()) < 1e-6, f"max relative error {float(rel.max()):.3g}"
+    assert bool((got[:-1][~normal] >= 0).all()) and float(got[:-1][~normal].max()) < 1e-37
+
+
 @pytest.mark.parametrize("target", ["index", "prob"])
 def test_nan_in_any_column_gives_nan_loss(target):
     # Each row has a single NaN in a different column (first, block edge, tail, last).

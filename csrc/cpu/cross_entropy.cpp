@@ -8,22 +8,30 @@
 // s = sum_c exp(d_c), log p_c = d_c - log s, lse = log s + m * t.
 // Weights w (ones when absent), W = sum_c w_c, eps = label smoothing.
 //
-// Per row, two passes:
-//   1. Blocks of kConfig.block_cols columns.  Each block is read twice while it sits in L1:
-//      once for its max (which updates the running max, rescaling the sums when it grows)
-//      and once to accumulate, relative to the running max h,
+// Per row, three passes:
+//   0. m, the row's max (NaN-propagating).  A row whose max is not finite (a NaN, a +inf,
+//      or every logit -inf) takes a scalar path that mirrors the reference step by step, so
+//      NaN logits give a NaN loss and infinities match it too.
+//   1. Blocks of kConfig.block_cols columns, relative to m:
 //        s   = sum exp(d_c)                                (every row)
 //        sed = sum exp(d_c) d_c                            (zdot; only with compute_grad)
 //        lin = sum a_c d_c, asum = sum a_c                 (a_c = w_c for an index target
 //              with smoothing, a_c = w_c q'_c for a probability target)
-//   2. The gradient, one block at a time (formulas there), from exp(d_c) with the final m:
-//      a row of at most one block keeps its exponentials from pass 1 in a per-thread
-//      scratch row (L1-resident); a wider row recomputes them from x, still in L2.
-//      (Measured on a 2-core AMD EPYC (Zen 5), fp32, 1 thread: keeping them is ~20% faster
-//      at C = 512 and 1000, the same at 2048, and spilling a scratch row out of L1 is 10-20%
-//      slower than recomputing at C = 4096 ... 128000.)
-// Rows whose max is not finite (a NaN, a +inf, or all -inf) take a scalar path that mirrors
-// the reference step by step, so NaN logits give a NaN loss and infinities match it too.
+//      A one-block row is read by pass 0 and again here while it sits in L1; a wider row is
+//      read once more from L2.  (Before 2026-11-30 a wide row took its max block by block,
+//      rescaling the sums as the max grew; a row max first is what lets the gradient row
+//      keep the exponentials below.)
+//   2. The gradient, one block at a time (formulas there), from exp(d_c).  Where pass 1
+//      keeps the exponentials (ExpStore):
+//      - a row of at most one block: in a per-thread scratch row (L1-resident);
+//      - a wider fp32 / fp64 row: in its gradient row, which pass 2 then rewrites in place
+//        without computing an exponential;
+//      - a wider half-precision row: nowhere; pass 2 recomputes them from x, still in L2.
+//      (Measured on a 2-core AMD EPYC (Zen 5), fp32, 1 thread: keeping them in the scratch
+//      row is ~20% faster at C = 512 and 1000, the same at 2048; a separate scratch row
+//      spilled out of L1 was 10-20% slower than recomputing at C = 4096 ... 128000, and the
+//      gradient row, which pass 2 writes anyway, is ~30% faster than recomputing at
+//      C = 32000.)
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -59,9 +67,10 @@ using at::vec::Vectorized;
 // Tuning
 // ------------------------------------------------------------------------------------
 struct CeCpuConfig {
-  // Columns per block.  Pass 1 reads a block twice, and a row of at most one block keeps
-  // its exponentials for pass 2: 2048 fp32 columns = 8 KiB of logits + 8 KiB of
-  // exponentials, inside even a 32 KiB L1d.
+  // Columns per block.  A row of at most one block is read by pass 0 and pass 1 while it
+  // sits in L1, and keeps its exponentials there for pass 2: 2048 fp32 columns = 8 KiB of
+  // logits + 8 KiB of exponentials, inside even a 32 KiB L1d.  (4096 was no faster at
+  // C = 1000 and 5% slower at C = 4096, 2 threads.)
   int64_t block_cols;
   // Logits per parallel task: below this a row range stays on one thread, since waking
   // the OpenMP team costs more than it saves.
@@ -82,10 +91,36 @@ int64_t grain_rows(int64_t cols) {
 // ------------------------------------------------------------------------------------
 // Small vector helpers
 // ------------------------------------------------------------------------------------
-// exp for d <= 0.  fp32: ATen's 20-ulp polynomial (relative error ~2e-6, inside the 1e-5
-// the tests ask for); with Sleef's 1-ulp expf instead the forward pass took 1.6 ms instead
-// of 1.27 ms (4096 x 1000, 1 thread, this file's dev machine).  fp64: Sleef.
+// exp for d <= 0 (d = -inf gives 0).  fp64: Sleef.  fp32: a polynomial, since the
+// exponential is most of the kernel's arithmetic.  Sleef's 1-ulp expf made the forward
+// pass 1.26x as long as ATen's exp_u20 (4096 x 1000, 1 thread); on AVX-512, the exp_nonpos
+// below is ~1.2x as fast again as exp_u20 (in a loop that only sums exponentials) and
+// more accurate (relative error <= 2.3e-7 where exp(d) is a normal float, d >= -87,
+// against std::exp in double; exp_u20's <= 3.8e-7).  For AVX2 the same polynomial with
+// the exponent built in integer bits (no vscalefps) was no faster than exp_u20.
+#if defined(CPU_CAPABILITY_AVX512)
+// Cody-Waite reduction d = n ln2 + r (|r| <= ln2 / 2; n ln2_hi is exact), the degree-6
+// Taylor polynomial of e^r (truncation error <= (ln2/2)^7 / 7! = 1.2e-7), and 2^n applied
+// by vscalefps, which rounds into the subnormals and underflows to 0 as exp does.  Below
+// d = -104 exp(d) rounds to 0 anyway; the clamp keeps -inf (0 * inf = NaN) out of r.
+inline Vectorized<float> exp_nonpos(const Vectorized<float>& dv) {
+  const __m512 d = _mm512_max_ps(dv, _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(d, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), d);      // ln2_hi
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);       // ln2_lo
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+#else
 inline Vectorized<float> exp_nonpos(const Vectorized<float>& d) { return d.exp_u20(); }
+#endif
 inline Vectorized<double> exp_nonpos(const Vectorized<double>& d) { return d.exp(); }
 
 template <typename T>
@@ -93,22 +128,32 @@ inline T nan_max(T a, T b) {
   return (std::isnan(a) || a > b) ? a : b;
 }
 
+// Horizontal sum and NaN-propagating max of the lanes.  A row pays for a few of these, so
+// they are trees (shuffles where the level has them), not one dependent op per lane.
 template <typename acc_t>
 double hsum(const Vectorized<acc_t>& v) {
-  alignas(64) acc_t tmp[Vectorized<acc_t>::size()];
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) return _mm512_reduce_add_ps(v);
+  if constexpr (std::is_same_v<acc_t, double>) return _mm512_reduce_add_pd(v);
+#endif
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  alignas(64) acc_t tmp[V];
   v.store(tmp);
-  double s = 0;
-  for (int64_t i = 0; i < Vectorized<acc_t>::size(); ++i) s += tmp[i];
-  return s;
+  for (int64_t w = V / 2; w >= 1; w /= 2) {
+    for (int64_t i = 0; i < w; ++i) tmp[i] += tmp[i + w];
+  }
+  return tmp[0];
 }
 
 template <typename acc_t>
 acc_t hmax(const Vectorized<acc_t>& v) {
-  alignas(64) acc_t tmp[Vectorized<acc_t>::size()];
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  alignas(64) acc_t tmp[V];
   v.store(tmp);
-  acc_t m = tmp[0];
-  for (int64_t i = 1; i < Vectorized<acc_t>::size(); ++i) m = nan_max(m, tmp[i]);
-  return m;
+  for (int64_t w = V / 2; w >= 1; w /= 2) {
+    for (int64_t i = 0; i < w; ++i) tmp[i] = nan_max(tmp[i], tmp[i + w]);
+  }
+  return tmp[0];
 }
 
 // Loads `count` lanes; the other lanes get `fill`.
@@ -116,12 +161,22 @@ template <typename acc_t>
 inline Vectorized<acc_t> load_fill(const acc_t* p, int64_t count, acc_t fill) {
   using Vec = Vectorized<acc_t>;
   if (count == Vec::size()) return Vec::loadu(p);
+#if defined(CPU_CAPABILITY_AVX512)
+  // One masked load (Vec::set is a jump table over count, and was not even inlined: a
+  // visible share of a row at C = 10).
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), __mmask16((1u << count) - 1), p);
+  } else {
+    return _mm512_mask_loadu_pd(_mm512_set1_pd(fill), __mmask8((1u << count) - 1), p);
+  }
+#else
   return Vec::set(Vec(fill), Vec::loadu(p, count), count);
+#endif
 }
 
 // Max of n values, NaN-propagating (a NaN anywhere makes the row take the exact path).
 template <typename acc_t>
-acc_t block_max(const acc_t* x, int64_t n) {
+acc_t block_max_exact(const acc_t* x, int64_t n) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
@@ -133,6 +188,36 @@ acc_t block_max(const acc_t* x, int64_t n) {
   }
   for (; i < n; i += V) m0 = at::vec::maximum(m0, load_fill(x + i, std::min(V, n - i), ninf));
   return hmax(at::vec::maximum(m0, m1));
+}
+
+// block_max_exact's result, faster for blocks of finite values: a plain max (which may drop
+// a NaN) while fma(x, 0, probe) stays 0 exactly when every x is finite.  A block with a
+// NaN or an infinity (a -inf mask included) is redone by block_max_exact.  (The NaN-aware
+// max costs a compare and a mask-to-vector blend per vector: its share of a 512 x 1000
+// profile, 1 thread, fell from 9% to 6.5% with this loop.)
+template <typename acc_t>
+acc_t block_max(const acc_t* x, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const Vec zero(0);
+  Vec m0(ninf), m1(ninf), probe0(0), probe1(0);
+  int64_t i = 0;
+  for (; i + 2 * V <= n; i += 2 * V) {
+    const Vec a = Vec::loadu(x + i), b = Vec::loadu(x + i + V);
+    m0 = at::vec::clamp_min(a, m0);
+    m1 = at::vec::clamp_min(b, m1);
+    probe0 = at::vec::fmadd(a, zero, probe0);
+    probe1 = at::vec::fmadd(b, zero, probe1);
+  }
+  for (; i < n; i += V) {
+    const int64_t count = std::min(V, n - i);
+    const Vec a = load_fill(x + i, count, ninf);
+    m0 = at::vec::clamp_min(a, m0);
+    probe0 = at::vec::fmadd(Vec::loadu(x + i, count), zero, probe0);  // padding lanes: 0
+  }
+  if (hsum(probe0 + probe1) != 0) return block_max_exact(x, n);
+  return hmax(at::vec::clamp_min(m0, m1));
 }
 
 // ------------------------------------------------------------------------------------
@@ -159,8 +244,11 @@ struct Params {
                         // where the row's gradient pointer is not null
 };
 
-// Whether pass 2 takes exp(d_c) from pass 1 (rows of one block) or recomputes it from x.
+// Whether pass 2 takes exp(d_c) from pass 1's scratch row (rows of one block).
 inline bool keeps_exp(int64_t C) { return C <= kConfig.block_cols; }
+
+// Where pass 1 keeps exp(d_c) for pass 2 (see the file comment).
+enum class ExpStore { kNone, kScratch, kGradRow };
 
 template <typename acc_t>
 struct Scratch {
@@ -213,18 +301,11 @@ const acc_t* as_acc(const scalar_t* p, int64_t n, std::vector<acc_t>& stage) {
 }
 
 // ------------------------------------------------------------------------------------
-// Pass 1: sums over one block, relative to the shift h (= the running max)
+// Pass 1: sums over one block, relative to h (the row max m)
 // ------------------------------------------------------------------------------------
 struct Sums {
   double s = 0, sed = 0, lin = 0, asum = 0;
 
-  // The running max grew by delta / t: every d_c of the columns seen so far drops by delta.
-  void shift(double delta) {
-    const double r = std::exp(-delta);
-    sed = r * (sed - delta * s);   // sum e'd' = sum e r (d - delta)
-    s = r * s;
-    lin -= delta * asum;           // sum a (d - delta)
-  }
   void add(const Sums& o) {
     s += o.s;
     sed += o.sed;
@@ -233,17 +314,26 @@ struct Sums {
   }
 };
 
-// e: where to keep exp(d_c) for pass 2, or null.
+// e: where to keep exp(d_c) for pass 2, or null.  pf: the same columns of the next row
+// (pf_size bytes per element), or null: pass 1 prefetches them a cache line per vector, so
+// that the next row streams in while this one computes.  (4096 x 1000 fp32, two threads,
+// the output preallocated: 1.19-1.28 ms with the prefetch, 1.34-1.39 ms without; no change
+// in cache-resident runs with one thread.)
 template <typename acc_t, bool kGrad, Terms kTerms>
 Sums pass1_block(const acc_t* x, const acc_t* w, const acc_t* q, int64_t n, acc_t h, acc_t t,
-                 acc_t one_m_eps, acc_t eps_c, acc_t* e) {
+                 acc_t one_m_eps, acc_t eps_c, acc_t* e, const char* pf, int64_t pf_size) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const Vec hv(h), tv(t), lowest(std::numeric_limits<acc_t>::lowest()), zero(0);
   Vec s(0), sed(0), lin(0), asum(0);
 
-  auto step = [&](int64_t i, int64_t count) {
+  // Two sets of accumulators: two independent dependency chains through the exponential.
+  // (With the tree reductions and block_max above: 0.253 -> 0.236 ms at 512 x 1000, fp32,
+  // 1 thread.)
+  Vec s1(0), sed1(0), lin1(0), asum1(0);
+
+  auto step = [&](int64_t i, int64_t count, Vec& s, Vec& sed, Vec& lin, Vec& asum) {
     // Padding lanes hold -inf, so their exp is 0 and they add nothing to s or sed.
     const Vec d = (load_fill(x + i, count, ninf) - hv) * tv;
     const Vec ex = exp_nonpos(d);
@@ -265,15 +355,22 @@ Sums pass1_block(const acc_t* x, const acc_t* w, const acc_t* q, int64_t n, acc_
     }
   };
   int64_t i = 0;
-  for (; i + V <= n; i += V) step(i, V);
-  if (i < n) step(i, n - i);
+  for (; i + 2 * V <= n; i += 2 * V) {
+    if (pf != nullptr) {
+      __builtin_prefetch(pf + i * pf_size);
+      __builtin_prefetch(pf + (i + V) * pf_size);
+    }
+    step(i, V, s, sed, lin, asum);
+    step(i + V, V, s1, sed1, lin1, asum1);
+  }
+  for (; i < n; i += V) step(i, std::min(V, n - i), s, sed, lin, asum);
 
   Sums out;
-  out.s = hsum(s);
-  if constexpr (kGrad) out.sed = hsum(sed);
+  out.s = hsum(s + s1);
+  if constexpr (kGrad) out.sed = hsum(sed + sed1);
   if constexpr (kTerms != Terms::kNone) {
-    out.lin = hsum(lin);
-    out.asum = hsum(asum);
+    out.lin = hsum(lin + lin1);
+    out.asum = hsum(asum + asum1);
   }
   return out;
 }
@@ -324,8 +421,10 @@ class RowKernel {
 
   // x, g: (C,) row of the logits and of the gradient (g may be x; may be null without grad).
   // q: (C,) probability target row or null; y: index target (unused for probabilities).
+  // next: the logits of the row this thread computes next, to prefetch; or null.
   RowOut run(const scalar_t* x, const scalar_t* q, int64_t y, acc_t t, acc_t gscale,
-             scalar_t* g) {
+             scalar_t* g, const scalar_t* next) {
+    next_ = next;
     const bool ignored = !p_.prob && y == p_.ignore_index;
     if (ignored) return dispatch<Terms::kNone>(x, q, y, t, gscale, g, true);
     if (p_.prob) return dispatch<Terms::kProb>(x, q, y, t, gscale, g, false);
@@ -341,36 +440,51 @@ class RowKernel {
     return finite_row<false, kTerms>(x, q, y, t, gscale, g, ignored);
   }
 
+  // Inlined into the row loop: as a call it cost ~8 ns a row at C = 10 (1 thread).
   template <bool kGrad, Terms kTerms>
-  RowOut finite_row(const scalar_t* x, const scalar_t* q, int64_t y, acc_t t, acc_t gscale,
-                    scalar_t* g, bool ignored) {
+  C10_ALWAYS_INLINE RowOut finite_row(const scalar_t* x, const scalar_t* q, int64_t y,
+                                      acc_t t, acc_t gscale, scalar_t* g, bool ignored) {
     const int64_t C = p_.C, B = kConfig.block_cols;
     const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
 
-    // ---- 1. online max and sums, block by block --------------------------------------
-    acc_t m = ninf;  // running max
+    // ---- 0. the row's max m: a one-block row's block is then read again while in L1; a
+    //         wider row is read once more (from L2) by pass 1 ---------------------------
+    const int64_t blocks = (C + B - 1) / B;
+    acc_t m;
+    if (blocks == 1) {
+      m = block_max(as_acc(x, C, sc_.xs), C);
+    } else {
+      m = ninf;
+      for (int64_t c0 = 0; c0 < C; c0 += B) {
+        const int64_t n = std::min(B, C - c0);
+        m = nan_max(m, block_max(as_acc(x + c0, n, sc_.xs), n));
+      }
+    }
+    // NaN, +inf, or every logit -inf: the exact path, before anything is written.
+    if (!std::isfinite(m)) return exact_row(x, q, y, t, gscale, g, ignored);
+    // x[y] before pass 1, which may write exponentials over x (the in-place gradient).
+    const acc_t x_y = !p_.prob && !ignored ? static_cast<acc_t>(x[y]) : acc_t(0);
+
+    // ---- 1. sums relative to m, block by block ---------------------------------------
+    const ExpStore store = kGrad ? exp_store(g) : ExpStore::kNone;
     Sums sums;
     for (int64_t c0 = 0; c0 < C; c0 += B) {
       const int64_t n = std::min(B, C - c0);
-      const acc_t* xb = as_acc(x + c0, n, sc_.xs);
-      const acc_t mb = block_max(xb, n);
-      if (std::isnan(mb) || mb == -ninf) return exact_row(x, q, y, t, gscale, g, ignored);
-      if (mb > m) {
-        // Sums over only -inf logits are 0 or absorbing (+-inf, NaN): nothing to rescale.
-        if (m != ninf) sums.shift((double(mb) - double(m)) * double(t));
-        m = mb;
-      }
-      // While every logit so far is -inf any finite shift gives the same sums; use 0.
-      const acc_t h = m != ninf ? m : acc_t(0);
+      // (a one-block row's logits are already staged)
+      const acc_t* xb = blocks == 1 && !std::is_same_v<scalar_t, acc_t>
+          ? sc_.xs.data() : as_acc(x + c0, n, sc_.xs);
       const acc_t* qb = nullptr;
       if constexpr (kTerms == Terms::kProb) qb = as_acc(q + c0, n, sc_.qs);
-      // A one-block row keeps its exponentials: its h is the final max m (or the row is
-      // all -inf and takes the exact path).
-      acc_t* eb = kGrad && g != nullptr && keeps_exp(C) ? sc_.e.data() : nullptr;
-      sums.add(pass1_block<acc_t, kGrad, kTerms>(xb, p_.w + c0, qb, n, h, t, p_.one_m_eps,
-                                                 p_.eps_c, eb));
+      acc_t* eb = nullptr;
+      if (store == ExpStore::kScratch) {
+        eb = sc_.e.data();
+      } else if (store == ExpStore::kGradRow) {
+        if constexpr (std::is_same_v<scalar_t, acc_t>) eb = g + c0;
+      }
+      const auto* pf = next_ != nullptr ? reinterpret_cast<const char*>(next_ + c0) : nullptr;
+      sums.add(pass1_block<acc_t, kGrad, kTerms>(xb, p_.w + c0, qb, n, m, t, p_.one_m_eps,
+                                                 p_.eps_c, eb, pf, sizeof(scalar_t)));
     }
-    if (m == ninf) return exact_row(x, q, y, t, gscale, g, ignored);
 
     const double log_s = std::log(sums.s);
     RowOut out{0.0, log_s + double(m) * double(t), 0.0};
@@ -394,7 +508,7 @@ class RowKernel {
     } else {
       const double w_y = p_.w[y];
       const double c_y = double(p_.one_m_eps) * w_y;            // (1-eps) w_y
-      const acc_t d_y = (static_cast<acc_t>(x[y]) - m) * t;     // same rounding as reference
+      const acc_t d_y = (x_y - m) * t;                          // same rounding as reference
       // (the term is 0 when c_y is, even for d_y = -inf, as the reference's where(dz == 0))
       const double cd_y = c_y == 0 ? 0.0 : c_y * double(d_y);
       A = c_y;
@@ -424,7 +538,6 @@ class RowKernel {
     const double gst = double(gscale) * double(t);
     const acc_t k = kTerms == Terms::kProb ? acc_t(gst) : acc_t(gst * double(p_.eps_c));
     const acc_t coef = acc_t(gst * A / sums.s);
-    const bool from_x = !keeps_exp(C);
     for (int64_t c0 = 0; c0 < C; c0 += B) {
       const int64_t n = std::min(B, C - c0);
       const acc_t* qb = nullptr;
@@ -435,17 +548,29 @@ class RowKernel {
       } else {
         gb = sc_.gs.data();
       }
-      if (from_x) {
-        pass2_block<acc_t, kTerms, true>(as_acc(x + c0, n, sc_.xs), p_.w + c0, qb, n, m, t,
-                                         coef, k, p_.one_m_eps, p_.eps_c, gb);
-      } else {
+      if (store == ExpStore::kScratch) {
         pass2_block<acc_t, kTerms, false>(sc_.e.data() + c0, p_.w + c0, qb, n, m, t, coef, k,
                                           p_.one_m_eps, p_.eps_c, gb);
+      } else if (store == ExpStore::kGradRow) {
+        pass2_block<acc_t, kTerms, false>(gb, p_.w + c0, qb, n, m, t, coef, k, p_.one_m_eps,
+                                          p_.eps_c, gb);
+      } else {
+        pass2_block<acc_t, kTerms, true>(as_acc(x + c0, n, sc_.xs), p_.w + c0, qb, n, m, t,
+                                         coef, k, p_.one_m_eps, p_.eps_c, gb);
       }
       if (y_fix >= c0 && y_fix < c0 + n) gb[y_fix - c0] -= acc_t(gst * g_y_fix);
       if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(gb, g + c0, n);
     }
     return out;
+  }
+
+  // Where this row's pass 1 keeps its exponentials (g: the row's gradient, or null).  The
+  // gradient row serves when it holds acc_t values, x itself included: once pass 0 has
+  // found the row finite, pass 1 is the last to read x.
+  ExpStore exp_store(const scalar_t* g) const {
+    if (g == nullptr) return ExpStore::kNone;
+    if (keeps_exp(p_.C)) return ExpStore::kScratch;
+    return std::is_same_v<scalar_t, acc_t> ? ExpStore::kGradRow : ExpStore::kNone;
   }
 
   // A row whose max is NaN, +inf or -inf: scalar, the reference's formulas one by one
@@ -510,6 +635,7 @@ class RowKernel {
 
   const Params<acc_t>& p_;
   Scratch<acc_t>& sc_;
+  const scalar_t* next_ = nullptr;  // run()'s next
 };
 
 // Asks for transparent huge pages on the 2 MiB-aligned interior of a fresh, untouched
@@ -592,7 +718,8 @@ void ce_rows_impl(const at::Tensor& x, const at::Tensor& target, const at::Tenso
     for (int64_t i = begin; i < end; ++i) {
       const RowOut r = kernel.run(xp + i * C, qp ? qp + i * C : nullptr, yp ? yp[i] : 0,
                                   tp[t_rows ? i : 0], gsp[gs_rows ? i : 0],
-                                  gp ? gp + i * C : nullptr);
+                                  gp ? gp + i * C : nullptr,
+                                  i + 1 < end ? xp + (i + 1) * C : nullptr);
       lossp[i] = acc_t(r.loss);
       lsep[i] = acc_t(r.lse);
       if (zdotp) zdotp[i] = acc_t(r.zdot);
