@@ -1,0 +1,120 @@
+"""Benchmark: the CPU row kernel of two or more builds of the extension, side by side.
+
+For kernel work: build a variant, copy its ``tempsoft/_cpu_<level>*.so`` somewhere, and
+time it against another build in one process, so that both see the same machine state.
+Each build is loaded as its own module (the module name must end in ``_cpu_<level>``, the
+name its init function was compiled with); its ``ce_rows`` is called directly (fp32, index
+targets, forward and gradient, T = 0.5).  Builds are timed in interleaved rounds.
+
+Cases are ``NxV:threads``.  With one thread the clock is the thread's CPU time (steady on
+a shared machine) and the inputs fit in cache; with more, wall time, the inputs rotate
+through enough sets to exceed the last-level cache, and the gradient goes to preallocated
+buffers (``grad_out``), so that page faults of fresh memory stay out of the comparison.
+"copy" is ``dst.copy_(src)`` of the same bytes under the same conditions.
+
+    cp tempsoft/_cpu_avx512*.so /tmp/before.so      # then change csrc/cpu, rebuild
+    python benchmarks/compare_builds.py before=/tmp/before.so \\
+        after=tempsoft/_cpu_avx512.cpython-311-x86_64-linux-gnu.so
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+from _common import load_average, rotation_sets, run_info  # noqa: E402
+
+GRAD_FULL = 1  # tempsoft.kernels.reference.GRAD_FULL (not imported: see load_build)
+DEFAULT_CASES = "4096x10:1,512x1000:1,2048x64:1,64x32000:1,4096x1000:2,4096x4096:2"
+
+
+def load_build(label: str, path: str, level: str):
+    """The module in `path` under a name of its own.  (tempsoft itself is not imported:
+    its own copy of the module would make the loader hand back that one.)"""
+    spec = importlib.util.spec_from_file_location(f"{label}._cpu_{level}", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_case(text: str) -> tuple[int, int, int]:
+    shape, _, threads = text.partition(":")
+    n, v = shape.lower().split("x")
+    return int(n), int(v), int(threads or 1)
+
+
+def time_case(builds: dict, n: int, v: int, threads: int, rounds: int, calls: int) -> dict:
+    torch.set_num_threads(threads)
+    sets = 1 if threads == 1 else rotation_sets(2 * n * v * 4)
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, v, generator=gen) * 2 for _ in range(sets)]
+    grads = [torch.empty(n, v) for _ in range(sets)]
+    y = torch.randint(0, v, (n,), generator=gen)
+    inv_t, scale = torch.full((1,), 2.0), torch.full((1,), 1.0 / n)
+    clock = time.thread_time_ns if threads == 1 else time.perf_counter_ns
+
+    def run(name, i):
+        x, g = xs[i % sets], grads[i % sets]
+        if name == "copy":
+            g.copy_(x)
+        else:
+            builds[name].ce_rows(x, y, inv_t, None, -100, 0.0, scale, GRAD_FULL, g)
+
+    names = list(builds) + ["copy"]
+    times = {name: [] for name in names}
+    i = 0
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            for k in range(calls + 2):
+                t0 = clock()
+                run(name, i)
+                elapsed = clock() - t0
+                i += 1
+                if k >= 2:  # two warm-up calls per block
+                    times[name].append(elapsed)
+    return {name: statistics.median(t) / 1e6 for name, t in times.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("builds", nargs="+", help="label=path/to/_cpu_<level>.so, two or more")
+    p.add_argument("--level", default="avx512", help="the level the builds were compiled for")
+    p.add_argument("--cases", default=DEFAULT_CASES, help="NxV:threads list")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--calls", type=int, default=10, help="timed calls per block")
+    args = p.parse_args(argv)
+    builds = {}
+    for item in args.builds:
+        label, sep, path = item.partition("=")
+        if not sep or not label.isidentifier():
+            p.error(f"expected label=path with a Python identifier as label, got {item!r}")
+        builds[label] = load_build(label, path, args.level)
+    info = run_info("cpu")
+    print(f"# {info['machine']}, torch {info['torch']}, {info['date']}, load "
+          f"{load_average():.1f}; fp32, forward + gradient, T = 0.5; ms = median")
+    header = ["case"] + [f"{b} ms" for b in builds] + ["copy ms"] + [
+        f"{b} / {list(builds)[0]}" for b in list(builds)[1:]]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for case in args.cases.split(","):
+        n, v, threads = parse_case(case)
+        ms = time_case(builds, n, v, threads, args.rounds, args.calls)
+        first = ms[list(builds)[0]]
+        cells = [f"{n}x{v}, {threads} thread{'s' if threads > 1 else ''}"]
+        cells += [f"{ms[b]:.3g}" for b in builds] + [f"{ms['copy']:.3g}"]
+        cells += [f"{ms[b] / first:.2f}" for b in list(builds)[1:]]
+        print("| " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""benchmarks/compare_builds.py, the side-by-side timing of two builds of the CPU kernels,
+runs end to end: on the build in use, loaded twice under two labels."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tempsoft import _dispatch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_compare_builds_prints_a_row_per_case():
+    level = _dispatch.cpu_level()
+    if level is None:
+        pytest.skip("no C++ CPU kernels built")
+    path = importlib.util.find_spec(f"tempsoft._cpu_{level}").origin
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compare_builds.py"), f"a={path}",
+         f"b={path}", "--level", level, "--cases", "8x10:1,16x3000:2", "--rounds", "2",
+         "--calls", "1"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 8x10")
+            or line.startswith("| 16x3000")]
+    assert len(rows) == 2, done.stdout
+    assert rows[1].startswith("| 16x3000, 2 threads |")
+    assert len(rows[0].split("|")) == 7  # case, a, b, copy, b / a, and the two edges
+
+
+def test_compare_builds_rejects_a_bad_label():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compare_builds.py"), "not an id=x.so"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert done.returncode == 2 and "label=path" in done.stderr
