@@ -4,7 +4,9 @@ For kernel work: build a variant, copy its ``tempsoft/_cpu_<level>*.so`` somewhe
 time it against another build in one process, so that both see the same machine state.
 Each build is loaded as its own module (the module name must end in ``_cpu_<level>``, the
 name its init function was compiled with); its ``ce_rows`` is called directly (fp32, index
-targets, forward and gradient, T = 0.5).  Builds are timed in interleaved rounds.
+targets, forward and gradient, T = 0.5).  Builds are timed in interleaved rounds.  Each
+build must be a file of its own: one file loaded twice runs its module initialisation twice
+over the same statics.
 
 Cases are ``NxV:threads``.  With one thread the clock is the thread's CPU time (steady on
 a shared machine) and the inputs fit in cache; with more, wall time, the inputs rotate
