@@ -148,29 +148,38 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+# Clocks for time_ms.  "cpu" is this thread's CPU time: on a loaded 2-core VM the wall clock
+# swings by 2x between runs (preemption) while the time the thread ran does not (memory
+# stalls still count).  Meaningful with one torch thread, where every kernel runs inline in
+# the calling thread.
+CLOCKS = {"wall": time.perf_counter_ns, "cpu": time.thread_time_ns}
+
+
 def time_ms(fn: Callable[[], object], *, device: str = "cpu", repeats: int = 20,
-            warmup: int = 3) -> list[float]:
-    """Wall-clock milliseconds of `repeats` calls of fn after `warmup` calls, each synced."""
+            warmup: int = 3, clock: str = "wall") -> list[float]:
+    """Milliseconds of `repeats` calls of fn after `warmup` calls, each synced, by `clock`
+    (a key of CLOCKS)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    now = CLOCKS[clock]
     for _ in range(warmup):
         fn()
     _sync(device)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = now()
         fn()
         _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append((now() - start) / 1e6)
     return times
 
 
 def bench_ms(fn: Callable[[], object], *, device: str = "cpu", repeats: int = 20,
-             warmup: int = 3) -> float:
+             warmup: int = 3, clock: str = "wall") -> float:
     """Median milliseconds per call of fn.
 
     CUDA: triton.testing.do_bench (L2 flushed between calls) when triton is installed,
-    else CUDA-synchronized wall clock.  CPU: median wall clock of `repeats` calls.
+    else CUDA-synchronized wall clock.  CPU: median of `repeats` calls by `clock`.
     """
     if device == "cuda":
         try:
@@ -182,19 +191,21 @@ def bench_ms(fn: Callable[[], object], *, device: str = "cpu", repeats: int = 20
                 return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
             except TypeError:  # triton without return_mode
                 return float(do_bench(fn, warmup=25, rep=100, quantiles=[0.5]))
-    return statistics.median(time_ms(fn, device=device, repeats=repeats, warmup=warmup))
+    return statistics.median(time_ms(fn, device=device, repeats=repeats, warmup=warmup,
+                                     clock=clock))
 
 
 def bench_many(fns: dict[str, Callable[[], object]], *, device: str = "cpu",
-               repeats: int = 20, warmup: int = 3, rounds: int = 3) -> dict[str, float]:
+               repeats: int = 20, warmup: int = 3, rounds: int = 3,
+               clock: str = "wall") -> dict[str, float]:
     """Median ms per call of each fn, measured so that the providers can be compared.
 
     CPU: `rounds` rounds; in each, every fn in turn gets `warmup` untimed calls and then
     its share of the `repeats` timed ones.  Interleaving whole blocks spreads slow drifts
     of a shared machine's load over all providers, while each block still runs warm (a
     provider right after another one pays for that one's freed memory otherwise: fresh
-    pages are expensive on a VM).  CUDA: bench_ms each.  A fn that raises is reported as
-    NaN (its exception printed).
+    pages are expensive on a VM), timed by `clock`.  CUDA: bench_ms each.  A fn that
+    raises is reported as NaN (its exception printed).
     """
     out: dict[str, float] = {}
     if device == "cuda":
@@ -213,7 +224,8 @@ def bench_many(fns: dict[str, Callable[[], object]], *, device: str = "cpu",
             if name in out:  # failed earlier
                 continue
             try:
-                times[name] += time_ms(fn, device=device, repeats=share, warmup=warmup)
+                times[name] += time_ms(fn, device=device, repeats=share, warmup=warmup,
+                                       clock=clock)
             except Exception as exc:  # noqa: BLE001
                 print(f"{name} failed: {type(exc).__name__}: {exc}")
                 out[name] = float("nan")
@@ -242,10 +254,10 @@ def copy_fn(numel: int, dtype: torch.dtype, device: str, *, sets: int = 1
 
 
 def copy_ms(numel: int, dtype: torch.dtype, device: str, *, sets: int = 1, repeats: int = 20,
-            warmup: int = 3) -> float:
+            warmup: int = 3, clock: str = "wall") -> float:
     """Median ms of copy_fn(numel, dtype, device, sets=sets)."""
     return bench_ms(copy_fn(numel, dtype, device, sets=sets), device=device, repeats=repeats,
-                    warmup=warmup)
+                    warmup=warmup, clock=clock)
 
 
 def rotation_sets(nbytes: int, *, target_bytes: int = 64 << 20, max_sets: int = 8) -> int:

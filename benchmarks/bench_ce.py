@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -178,21 +177,6 @@ def check(fn, x, y, T, dtype):
     return ""
 
 
-def bench_cpu_clock(fns, *, device, repeats, warmup, rounds) -> dict[str, float]:
-    """bench_many's interleaved rounds, timed by this thread's CPU time (--clock cpu, one
-    torch thread): on a loaded machine the wall clock also counts the time the thread was
-    preempted; the CPU clock does not (memory stalls still count)."""
-    from bench_pgd import thread_cpu_ms
-
-    assert device == "cpu"
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(thread_cpu_ms(fn, repeats=max(1, repeats // rounds),
-                                             warmup=warmup))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def run(args) -> list[dict]:
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -238,9 +222,8 @@ def run(args) -> list[dict]:
                         notes[name] = f"check failed: {err}; {load}"
             fns = {name: step_fn(fn, inputs, args.temperature) for name, fn in runnable.items()}
             fns["copy_"] = copy_fn(n * v, dtype, device, sets=sets)
-            bench = bench_cpu_clock if args.clock == "cpu" else bench_many
-            times = bench(fns, device=device, repeats=args.repeats, warmup=args.warmup,
-                          rounds=args.rounds)
+            times = bench_many(fns, device=device, repeats=args.repeats, warmup=args.warmup,
+                               rounds=args.rounds, clock=args.clock)
             copy = times.pop("copy_")
             results = []
             for name, ms in times.items():

@@ -31,7 +31,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -73,27 +72,8 @@ def unfused_step(x_adv, grad, x_nat, eps, alpha, norm, lower=0.0, upper=1.0):
     return torch.clamp(x_nat + delta, min=lower, max=upper)
 
 
-def thread_cpu_ms(fn, *, repeats: int = 20, warmup: int = 3) -> float:
-    """Median CPU time (ms) of fn in this thread: for single-threaded runs on a shared machine.
-
-    Wall clock on a loaded 2-core box swings by 2x between runs (preemption); the time the
-    thread actually ran does not. Meaningful only with one torch thread, where every kernel
-    runs inline in the calling thread.
-    """
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.thread_time_ns()
-        fn()
-        times.append((time.thread_time_ns() - start) / 1e6)
-    return statistics.median(times)
-
-
 def measure(fn, args, device, repeats, warmup=3):
-    if args.clock == "cpu":
-        return thread_cpu_ms(fn, repeats=repeats, warmup=warmup)
-    return bench_ms(fn, device=device, repeats=repeats, warmup=warmup)
+    return bench_ms(fn, device=device, repeats=repeats, warmup=warmup, clock=args.clock)
 
 
 def _inputs(shape, device, n_sets, seed=0):
@@ -112,11 +92,6 @@ def _rotated(providers: dict, r: int):
     items = list(providers.items())
     k = r % len(items)
     return items[k:] + items[:k]
-
-
-def _copy_fn(numel, n_sets):
-    pairs = [(torch.randn(numel), torch.empty(numel)) for _ in range(n_sets)]
-    return _rotating(lambda src, dst: dst.copy_(src), pairs)
 
 
 def _rotating(fn, sets):
@@ -191,9 +166,8 @@ def bench_step(args, device, info):
             numel *= d
         nbytes = 4 * numel * 4  # x_adv, grad, x_nat read + x_adv written, fp32
         sets = _inputs(shape, device, rotation_sets(3 * numel * 4))
-        copy = (copy_ms(numel, torch.float32, device, sets=len(sets), repeats=args.repeats)
-                if args.clock == "wall" else
-                thread_cpu_ms(_copy_fn(numel, len(sets)), repeats=args.repeats))
+        copy = copy_ms(numel, torch.float32, device, sets=len(sets), repeats=args.repeats,
+                       clock=args.clock)
         copy_gbs = 2 * numel * 4 / (copy * 1e-3) / 1e9  # copy_ reads and writes numel
         for norm in args.norms:
             providers, notes = step_providers(norm, device, args.compile)

@@ -23,15 +23,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
-from _common import load_average, rotation_sets, run_info  # noqa: E402
+from _common import bench_many, copy_fn, load_average, rotation_sets, run_info  # noqa: E402
 
 GRAD_FULL = 1  # tempsoft.kernels.reference.GRAD_FULL (not imported: see load_build)
 DEFAULT_CASES = "4096x10:1,512x1000:1,2048x64:1,64x32000:1,4096x1000:2,4096x4096:2"
@@ -55,35 +53,28 @@ def parse_case(text: str) -> tuple[int, int, int]:
 
 
 def time_case(builds: dict, n: int, v: int, threads: int, rounds: int, calls: int) -> dict:
+    """Median ms per call of each build's ce_rows and of a copy_ of the same bytes."""
     torch.set_num_threads(threads)
     sets = 1 if threads == 1 else rotation_sets(2 * n * v * 4)
     gen = torch.Generator().manual_seed(0)
-    xs = [torch.randn(n, v, generator=gen) * 2 for _ in range(sets)]
-    grads = [torch.empty(n, v) for _ in range(sets)]
+    pairs = [(torch.randn(n, v, generator=gen) * 2, torch.empty(n, v)) for _ in range(sets)]
     y = torch.randint(0, v, (n,), generator=gen)
     inv_t, scale = torch.full((1,), 2.0), torch.full((1,), 1.0 / n)
-    clock = time.thread_time_ns if threads == 1 else time.perf_counter_ns
 
-    def run(name, i):
-        x, g = xs[i % sets], grads[i % sets]
-        if name == "copy":
-            g.copy_(x)
-        else:
-            builds[name].ce_rows(x, y, inv_t, None, -100, 0.0, scale, GRAD_FULL, g)
+    def step(module):
+        state = {"i": 0}
 
-    names = list(builds) + ["copy"]
-    times = {name: [] for name in names}
-    i = 0
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            for k in range(calls + 2):
-                t0 = clock()
-                run(name, i)
-                elapsed = clock() - t0
-                i += 1
-                if k >= 2:  # two warm-up calls per block
-                    times[name].append(elapsed)
-    return {name: statistics.median(t) / 1e6 for name, t in times.items()}
+        def call():
+            x, grad = pairs[state["i"] % sets]
+            state["i"] += 1
+            module.ce_rows(x, y, inv_t, None, -100, 0.0, scale, GRAD_FULL, grad)
+
+        return call
+
+    fns = {label: step(module) for label, module in builds.items()}
+    fns["copy"] = copy_fn(n * v, torch.float32, "cpu", sets=sets)
+    return bench_many(fns, repeats=rounds * calls, warmup=2, rounds=rounds,
+                      clock="cpu" if threads == 1 else "wall")
 
 
 def main(argv=None) -> int:

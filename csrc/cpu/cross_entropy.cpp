@@ -449,16 +449,12 @@ class RowKernel {
 
     // ---- 0. the row's max m: a one-block row's block is then read again while in L1; a
     //         wider row is read once more (from L2) by pass 1 ---------------------------
-    const int64_t blocks = (C + B - 1) / B;
-    acc_t m;
-    if (blocks == 1) {
-      m = block_max(as_acc(x, C, sc_.xs), C);
-    } else {
-      m = ninf;
-      for (int64_t c0 = 0; c0 < C; c0 += B) {
-        const int64_t n = std::min(B, C - c0);
-        m = nan_max(m, block_max(as_acc(x + c0, n, sc_.xs), n));
-      }
+    acc_t m = ninf;
+    const acc_t* staged = nullptr;  // the last block as acc_t: a one-block row's whole row
+    for (int64_t c0 = 0; c0 < C; c0 += B) {
+      const int64_t n = std::min(B, C - c0);
+      staged = as_acc(x + c0, n, sc_.xs);
+      m = nan_max(m, block_max(staged, n));
     }
     // NaN, +inf, or every logit -inf: the exact path, before anything is written.
     if (!std::isfinite(m)) return exact_row(x, q, y, t, gscale, g, ignored);
@@ -470,9 +466,7 @@ class RowKernel {
     Sums sums;
     for (int64_t c0 = 0; c0 < C; c0 += B) {
       const int64_t n = std::min(B, C - c0);
-      // (a one-block row's logits are already staged)
-      const acc_t* xb = blocks == 1 && !std::is_same_v<scalar_t, acc_t>
-          ? sc_.xs.data() : as_acc(x + c0, n, sc_.xs);
+      const acc_t* xb = C <= B ? staged : as_acc(x + c0, n, sc_.xs);
       const acc_t* qb = nullptr;
       if constexpr (kTerms == Terms::kProb) qb = as_acc(q + c0, n, sc_.qs);
       acc_t* eb = nullptr;
