@@ -122,6 +122,12 @@ def providers_for(device: str) -> tuple[dict, dict]:
 # --------------------------------------------------------------------------------------
 # Measurement
 # --------------------------------------------------------------------------------------
+def cache_mib() -> str:
+    """The limit of the CPU kernel's gradient buffer cache, for the notes: "1024 MiB"."""
+    info = tempsoft.cpu_cache_info()
+    return f"{info['limit_bytes'] >> 20} MiB" if info else "none"
+
+
 def make_inputs(shape, dtype, device, sets, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     n, v = shape
@@ -212,6 +218,8 @@ def run(args) -> list[dict]:
                 x.requires_grad_(True)
             # at the start: the machine may be shared
             load = f"load {load_average():.1f}; clock {args.clock}"
+            if device == "cpu":  # the gradient buffer cache decides whether memory is fresh
+                load += f"; cpu cache {cache_mib()}"
             notes = {name: load for name in runnable}
             if args.check:
                 for name, fn in runnable.items():

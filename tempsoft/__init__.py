@@ -7,6 +7,7 @@ from tempsoft._dispatch import backends as _backend_table
 from tempsoft.functional import cross_entropy, log_softmax, softmax
 from tempsoft.nn import TemperatureCrossEntropyLoss
 from tempsoft.ops.pgd import pgd_step_, random_start
+from tempsoft.cpu_cache import cpu_cache_info, empty_cpu_cache, set_cpu_cache_limit
 from tempsoft import attacks  # noqa: E402  (after the ops it uses)
 
 __version__ = "0.1.0"
@@ -76,6 +77,9 @@ __all__ = [
     "attacks",
     "backends",
     "check_errors",
+    "cpu_cache_info",
+    "empty_cpu_cache",
+    "set_cpu_cache_limit",
     "Availability",
     "__version__",
 ]

@@ -122,8 +122,19 @@ def _load_cpu_level() -> tuple[Optional[str], str]:
     level, why = choose_cpu_level(built, _cpu_supported_levels(), forced)
     if level is None:
         return None, why
-    importlib.import_module(f"tempsoft._cpu_{level}").register_kernels()
+    from tempsoft.cpu_cache import limit_from_env
+
+    module = cpu_level_module(level)
+    module.register_kernels()
+    limit = limit_from_env()
+    if limit is not None:
+        module.grad_cache_set_limit(limit)
     return level, ""
+
+
+def cpu_level_module(level: str):
+    """The module of one SIMD level of the CPU kernels (imported, not registered)."""
+    return importlib.import_module(f"tempsoft._cpu_{level}")
 
 
 def cpu_level() -> Optional[str]:

@@ -50,10 +50,6 @@
 #include "../op_args.h"
 #include "kernels.h"
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
 #error "ATen uses OpenMP but this file is built without -fopenmp: at::parallel_for would run serially"
 #endif
@@ -75,14 +71,8 @@ struct CeCpuConfig {
   // Logits per parallel task: below this a row range stays on one thread, since waking
   // the OpenMP team costs more than it saves.
   int64_t min_elems_per_task;
-  // Gradient buffers at least this large ask Linux for transparent huge pages: they come
-  // fresh from the kernel on every call (glibc mmaps and unmaps them), and first-touch
-  // faults on 4 KiB pages can cost more than the kernel itself.  Measured (1 thread,
-  // filling a fresh fp32 tensor): 62 MiB 28 ms with 4 KiB pages vs 4.4 ms with huge
-  // pages; at 4-16 MiB glibc reuses its heap and the difference is under 0.1 ms.
-  int64_t huge_page_min_bytes;
 };
-constexpr CeCpuConfig kConfig{2048, 1 << 15, int64_t(32) << 20};
+constexpr CeCpuConfig kConfig{2048, 1 << 15};
 
 int64_t grain_rows(int64_t cols) {
   return std::max<int64_t>(1, kConfig.min_elems_per_task / std::max<int64_t>(cols, 1));
@@ -632,22 +622,6 @@ class RowKernel {
   const scalar_t* next_ = nullptr;  // run()'s next
 };
 
-// Asks for transparent huge pages on the 2 MiB-aligned interior of a fresh, untouched
-// buffer (only whole pages inside it, so no other allocation is affected).  A hint: any
-// failure (THP disabled, not Linux) leaves ordinary pages.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const int64_t bytes = t.numel() * int64_t(t.element_size());
-  if (bytes < kConfig.huge_page_min_bytes) return;
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = (begin + bytes) & ~(kHuge - 1);
-  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
 // ------------------------------------------------------------------------------------
 // Argument checks
 // ------------------------------------------------------------------------------------
@@ -789,9 +763,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu::ce_rows(
   const auto acc_opts = x.options().dtype(acc);
   at::Tensor loss = at::empty({M}, acc_opts), lse = at::empty({M}, acc_opts);
   at::Tensor zdot = at::empty({grad_mode != kGradNone ? M : 0}, acc_opts);
-  at::Tensor grad = write && !into_out ? at::empty({M, C}, x.options())
-                                       : at::empty({0}, x.options());
-  if (write && !into_out) advise_huge_pages(grad);
+  at::Tensor grad = write && !into_out ? empty_grad({M, C}, dt) : at::empty({0}, x.options());
   at::Tensor grad_target = into_out ? *grad_out : grad;
   const at::Tensor it = inv_t.contiguous(), gs = grad_scale.contiguous();
 

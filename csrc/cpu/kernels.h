@@ -25,5 +25,19 @@ void pgd_step_(at::Tensor x_adv, const at::Tensor& grad, const at::Tensor& x_nat
                const std::optional<at::Tensor>& active, int64_t norm, double lower,
                double upper);
 
+// The cache of gradient buffers (grad_cache.cpp): an uninitialised contiguous CPU tensor
+// whose memory comes from, and returns to, the cache.
+at::Tensor empty_grad(at::IntArrayRef sizes, at::ScalarType dtype);
+
+struct GradCacheStats {
+  size_t cached_bytes;  // held by the cache, not by any tensor
+  int64_t blocks;       // buffers held by the cache
+  int64_t hits, misses; // allocations of at least 1 MiB served from the cache / fresh
+  size_t limit;         // the most the cache holds, in bytes
+};
+GradCacheStats grad_cache_stats();
+void grad_cache_set_limit(int64_t bytes);
+void grad_cache_empty();
+
 }  // namespace cpu
 }  // namespace tempsoft

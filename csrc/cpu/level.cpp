@@ -45,4 +45,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ce_rows", &tempsoft::cpu::ce_rows, "tempsoft_C::ce_rows, this level's CPU kernel.");
   m.def("pgd_step_", &tempsoft::cpu::pgd_step_,
         "tempsoft_C::pgd_step_, this level's CPU kernel.");
+  m.def("grad_cache_stats", [] {
+    const auto s = tempsoft::cpu::grad_cache_stats();
+    pybind11::dict d;
+    d["cached_bytes"] = s.cached_bytes;
+    d["blocks"] = s.blocks;
+    d["hits"] = s.hits;
+    d["misses"] = s.misses;
+    d["limit_bytes"] = s.limit;
+    return d;
+  }, "This level's cache of gradient buffers: cached_bytes, blocks, hits, misses, limit_bytes.");
+  m.def("grad_cache_set_limit", &tempsoft::cpu::grad_cache_set_limit, pybind11::arg("bytes"),
+        "The most bytes the cache keeps (0: keep none), freeing buffers beyond it.");
+  m.def("grad_cache_empty", &tempsoft::cpu::grad_cache_empty,
+        "Free every buffer the cache holds (tensors in use are untouched).");
 }
