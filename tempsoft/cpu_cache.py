@@ -2,11 +2,11 @@
 
 The fused cross-entropy writes its (N, C) gradient into a new buffer on every call.  A
 buffer of at least 1 MiB that is freed again (``zero_grad(set_to_none=True)``, or the graph
-going away) is kept and handed to the next call of the same size, as PyTorch's CUDA
-caching allocator does for device memory: fresh memory from the OS costs a page fault and
-a zeroed page per 4 KiB, which at large C took longer than the kernel itself.  The cache
-holds at most ``TEMPSOFT_CPU_CACHE_MB`` MiB (default 1024; 0 turns it off); buffers in use
-by tensors do not count.
+going away) is kept and handed to the next call of the same size (or one up to half
+smaller), as PyTorch's CUDA caching allocator does for device memory: fresh memory from the
+OS costs a page fault and a zeroed page per 4 KiB, which at large C took longer than the
+kernel itself.  The cache holds at most ``TEMPSOFT_CPU_CACHE_MB`` MiB (default 1024; 0
+turns it off); buffers in use by tensors do not count.
 """
 from __future__ import annotations
 

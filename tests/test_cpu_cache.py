@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -191,3 +192,55 @@ def test_the_environment_sets_the_limit_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True)
     assert int(out.stdout.strip()) == 3 * MIB
+
+
+def test_a_cached_buffer_serves_a_request_up_to_half_its_size():
+    tempsoft.set_cpu_cache_limit(64 * MIB)
+    x4, y4 = case(9, (1024, 1024))  # 4 MiB
+    x3, y3 = case(10, (768, 1024))  # 3 MiB
+    big, mid = grad_of(x4, y4), grad_of(x3, y3)
+    big_ptr, mid_ptr = big.data_ptr(), mid.data_ptr()
+    del big, mid
+    # 2.5 MiB: both blocks hold it; the smaller one is taken.
+    x25, y25 = case(11, (640, 1024))
+    g25 = grad_of(x25, y25)
+    assert g25.data_ptr() == mid_ptr
+    torch.testing.assert_close(g25.double(), reference_grad(x25, y25), rtol=1e-5,
+                               atol=1e-5 * g25.abs().max().item())
+    # 1.5 MiB: the 4 MiB block would waste more than half of itself, so it stays cached.
+    x15, y15 = case(12, (384, 1024))
+    g15 = grad_of(x15, y15)
+    assert g15.data_ptr() != big_ptr
+    assert tempsoft.cpu_cache_info()["cached_bytes"] == 4 * MIB
+    del g25  # a 3 MiB block returns, and a 3 MiB request gets it back
+    assert grad_of(x3, y3).data_ptr() == mid_ptr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_takes_and_returns_buffers():
+    # The cache's lock is held across fork(), never left locked in the child.
+    x, y = case(13)
+    del_me = grad_of(x, y)
+    del del_me
+    pid = os.fork()
+    if pid == 0:  # the child: no OpenMP team here, one thread
+        ok = False
+        try:
+            torch.set_num_threads(1)
+            first = grad_of(x, y)
+            ptr = first.data_ptr()
+            del first
+            ok = grad_of(x, y).data_ptr() == ptr
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -1,4 +1,4 @@
-// A cache of the CPU cross-entropy's gradient buffers: cpu::grad_allocator().
+// A cache of the CPU cross-entropy's gradient buffers: cpu::empty_grad().
 //
 // Every forward + backward returns a fresh (N, C) gradient, and a training loop drops it
 // again (zero_grad(set_to_none=True)) before the next step asks for the same size.  Through
@@ -8,9 +8,10 @@
 // (2 threads, AMD EPYC Zen 5); at 4096 x 1000 (16 MiB) glibc sometimes keeps the pages and
 // sometimes faults in 100-300 of them per call.  As PyTorch's CUDA caching allocator does
 // for device memory, this allocator keeps buffers that are freed and hands them out again
-// for the same size, up to a byte limit (grad_cache_set_limit; tempsoft sets it from
-// TEMPSOFT_CPU_CACHE_MB at load, default 1024 MiB; 0 turns the cache off).  Buffers below
-// kMinBytes go to the default CPU allocator: glibc serves those from its heap anyway.
+// for the same size or one up to half smaller, up to a byte limit (grad_cache_set_limit;
+// tempsoft sets it from TEMPSOFT_CPU_CACHE_MB at load; default kDefaultLimit, 0 turns the
+// cache off).  Buffers below kMinBytes go to the default CPU allocator: glibc serves those
+// from its heap anyway.
 #include <ATen/ATen.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
@@ -23,12 +24,16 @@
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
 
 namespace tempsoft {
 namespace cpu {
 namespace {
 
 constexpr size_t kMinBytes = size_t(1) << 20;
+constexpr size_t kDefaultLimit = size_t(1024) << 20;
 // Fresh buffers at least this large ask Linux for transparent huge pages: their first-touch
 // faults then zero 2 MiB at a time (measured, 1 thread, filling a fresh fp32 tensor:
 // 62 MiB 28 ms with 4 KiB pages, 4.4 ms with huge pages).
@@ -59,12 +64,12 @@ class GradAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t bytes) override {
     if (bytes < kMinBytes) return c10::GetDefaultCPUAllocator()->allocate(bytes);
-    void* ptr = take(bytes);
-    if (ptr == nullptr) {
-      ptr = c10::alloc_cpu(bytes);
-      advise_huge_pages(ptr, bytes);
+    Block block = take(bytes);
+    if (block.ptr == nullptr) {
+      block = {c10::alloc_cpu(bytes), bytes};
+      advise_huge_pages(block.ptr, bytes);
     }
-    return {ptr, new Block{ptr, bytes}, &GradAllocator::release, c10::Device(c10::kCPU)};
+    return {block.ptr, new Block(block), &GradAllocator::release, c10::Device(c10::kCPU)};
   }
 
   c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
@@ -90,21 +95,27 @@ class GradAllocator final : public c10::Allocator {
   }
 
  private:
-  // A cached block of exactly `bytes`, the most recently freed first (its pages are the
-  // likeliest to be still in cache and TLB), or null.
-  void* take(size_t bytes) {
+  // The smallest cached block that holds `bytes` and wastes at most half of itself (batch
+  // sizes that vary, e.g. a smaller last batch, still find a block), the most recently
+  // freed among equals (its pages are the likeliest to be in cache and TLB); or {null, 0}.
+  Block take(size_t bytes) {
     std::lock_guard<std::mutex> lock(mu_);
+    auto best = free_.rend();
     for (auto it = free_.rbegin(); it != free_.rend(); ++it) {
-      if (it->bytes == bytes) {
-        void* ptr = it->ptr;
-        free_.erase(std::next(it).base());
-        cached_bytes_ -= bytes;
-        ++hits_;
-        return ptr;
+      if (it->bytes >= bytes && it->bytes / 2 <= bytes &&
+          (best == free_.rend() || it->bytes < best->bytes)) {
+        best = it;
       }
     }
-    ++misses_;
-    return nullptr;
+    if (best == free_.rend()) {
+      ++misses_;
+      return {nullptr, 0};
+    }
+    const Block block = *best;
+    free_.erase(std::next(best).base());
+    cached_bytes_ -= block.bytes;
+    ++hits_;
+    return block;
   }
 
   static void release(void* ctx) {
@@ -137,7 +148,16 @@ class GradAllocator final : public c10::Allocator {
   // Never destroyed: tensors that hold its blocks may be freed during interpreter shutdown,
   // after static destructors have run.
   static GradAllocator& instance() {
-    static auto* allocator = new GradAllocator();
+    static auto* allocator = [] {
+      auto* a = new GradAllocator();
+#if defined(__unix__) || defined(__APPLE__)
+      // A fork (a DataLoader worker) while another thread holds the lock would leave the
+      // child's copy locked forever: hold it across the fork instead.
+      pthread_atfork([] { instance().mu_.lock(); }, [] { instance().mu_.unlock(); },
+                     [] { instance().mu_.unlock(); });
+#endif
+      return a;
+    }();
     return *allocator;
   }
 
@@ -145,7 +165,7 @@ class GradAllocator final : public c10::Allocator {
   std::mutex mu_;
   std::deque<Block> free_;  // oldest first
   size_t cached_bytes_ = 0;
-  size_t limit_ = size_t(1024) << 20;
+  size_t limit_ = kDefaultLimit;
   int64_t hits_ = 0, misses_ = 0;
 };
 
