@@ -9,6 +9,7 @@ fresh process.
 """
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -33,13 +34,22 @@ BIG = (512, 1024)
 
 @pytest.fixture(autouse=True)
 def fresh_cache():
-    """Each test starts from an empty cache with the default limit, and leaves it so."""
+    """Each test starts from an empty cache with the default limit, and leaves it so.
+
+    Garbage from earlier tests is collected first, and the cyclic collector is off during
+    the test: a stray gradient freed mid-test would land in the cache and change its counts.
+    """
     tempsoft.cross_entropy(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))  # load kernels
     limit = tempsoft.cpu_cache_info()["limit_bytes"]
+    gc.collect()
+    gc.disable()
     tempsoft.empty_cpu_cache()
-    yield
-    tempsoft.set_cpu_cache_limit(limit)
-    tempsoft.empty_cpu_cache()
+    try:
+        yield
+    finally:
+        gc.enable()
+        tempsoft.set_cpu_cache_limit(limit)
+        tempsoft.empty_cpu_cache()
 
 
 def grad_of(x, y, T=0.5, **kw):
