@@ -227,6 +227,9 @@ def test_a_cached_buffer_serves_a_request_up_to_half_its_size():
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+# Python >= 3.12 warns that forking a multi-threaded process may deadlock the child: that
+# deadlock, on the cache's lock, is what this test looks for.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_child_takes_and_returns_buffers():
     # The cache's lock is held across fork(), never left locked in the child.
     x, y = case(13)
