@@ -124,9 +124,9 @@ def _load_cpu_level() -> tuple[Optional[str], str]:
         return None, why
     from tempsoft.cpu_cache import limit_from_env
 
+    limit = limit_from_env()  # a bad value raises before anything is registered
     module = cpu_level_module(level)
     module.register_kernels()
-    limit = limit_from_env()
     if limit is not None:
         module.grad_cache_set_limit(limit)
     return level, ""

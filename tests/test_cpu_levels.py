@@ -8,7 +8,6 @@ fresh process loads exactly the level it was told to.
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 import re
@@ -31,10 +30,6 @@ def _built(level: str) -> bool:
 LEVELS = [level for level in _dispatch.CPU_LEVELS
           if _built(level) and level in _dispatch._cpu_supported_levels()]
 needs_levels = pytest.mark.skipif(not LEVELS, reason="no C++ CPU kernel level is built")
-
-
-def _kernels(level: str):
-    return importlib.import_module(f"tempsoft._cpu_{level}")
 
 
 # --------------------------------------------------------------------------------------
@@ -62,7 +57,7 @@ def test_every_level_computes_the_same_cross_entropy(dtype, target):
     inv_t = (torch.rand(9, generator=g, dtype=torch.float64) + 0.3).to(acc)
     w = (torch.rand(2085, generator=g, dtype=torch.float64) + 0.5).to(acc)
     gs = torch.full((1,), 1 / 9, dtype=acc)
-    outs = {level: _kernels(level).ce_rows(x, tgt, inv_t, w, -100, 0.1, gs, 1, None)
+    outs = {level: _dispatch.cpu_level_module(level).ce_rows(x, tgt, inv_t, w, -100, 0.1, gs, 1, None)
             for level in LEVELS}
     want = reference.ce_rows(x.double(), tgt.double() if tgt.is_floating_point() else tgt,
                              inv_t.double(), w.double(), -100, 0.1, gs.double(), 1)
@@ -96,7 +91,7 @@ def test_every_level_computes_the_same_pgd_step(norm, shape):
     want = reference.pgd_step(x_adv, grad, x_nat, eps, alpha, norm, 0.0, 1.0, active)
     for level in LEVELS:
         got = x_adv.clone()
-        _kernels(level).pgd_step_(got, grad, x_nat, eps, alpha, active, norm, 0.0, 1.0)
+        _dispatch.cpu_level_module(level).pgd_step_(got, grad, x_nat, eps, alpha, active, norm, 0.0, 1.0)
         assert torch.equal(got, want), f"{level}: {int((got != want).sum())} elements differ"
 
 
