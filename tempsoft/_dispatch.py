@@ -137,6 +137,17 @@ def cpu_level_module(level: str):
     return importlib.import_module(f"tempsoft._cpu_{level}")
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_module():
+    """The module of the registered level of the CPU kernels, whose functions tempsoft calls
+    directly where the dispatcher's round trip would cost more than the work; raises
+    RuntimeError when there is none."""
+    level, why = _cpu_kernels()
+    if level is None:
+        raise RuntimeError(f"the C++ CPU kernels are {why}")
+    return cpu_level_module(level)
+
+
 def cpu_level() -> Optional[str]:
     """The SIMD level of the C++ CPU kernels in use ("avx512", "avx2", "default"), or None."""
     return _cpu_kernels()[0]

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tempsoft
+from tempsoft import _dispatch
 
 # These tests use CPU tensors: "cuda", and "triton" on a machine with a GPU (where it is not
 # interpreted), are covered on CUDA tensors by tests/test_gpu.py.
@@ -525,16 +526,18 @@ def test_only_T_needing_a_gradient_computes_no_logit_gradient(backend, monkeypat
     calls = []
     real = ce_module._row_kernel
 
-    def spy(name):
-        kernel = real(name)
-
+    def spying(kernel):
+        # ce_rows and the CPU's ce_forward both take grad_mode 8th and return the gradient 3rd.
         def run(*args):
             out = kernel(*args)
             calls.append((int(args[7]), out[2].numel()))
             return out
         return run
 
-    monkeypatch.setattr(ce_module, "_row_kernel", spy)
+    monkeypatch.setattr(ce_module, "_row_kernel", lambda name: spying(real(name)))
+    if backend == "cpu":  # the CPU op's forward is one C++ call (ce_forward), not a row kernel
+        module = _dispatch.cpu_module()
+        monkeypatch.setattr(module, "ce_forward", spying(module.ce_forward))
     g = torch.Generator().manual_seed(16)
     x = torch.randn(8, 11, generator=g)
     y = torch.randint(0, 11, (8,), generator=g)

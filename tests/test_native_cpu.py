@@ -422,3 +422,87 @@ def test_bad_arguments_raise(case):
     with pytest.raises(RuntimeError, match=message):
         OPS.ce_rows(*args.values())
 
+
+
+# --------------------------------------------------------------------------------------
+# ce_forward: the CPU op's forward in one call (ce_rows' checks and kernel + the reduction)
+# --------------------------------------------------------------------------------------
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def mean_denominator(tgt, w):
+    """PyTorch's mean denominator, in float64: the rows for probability targets, else the
+    summed weight of the rows that are not ignored."""
+    if tgt.is_floating_point():
+        return float(tgt.shape[0])
+    valid = tgt != IGNORE
+    return float(w.double()[tgt[valid]].sum()) if w is not None else float(valid.sum())
+
+
+@pytest.mark.parametrize("mode", [GRAD_FULL, GRAD_ZDOT, 0], ids=["full", "zdot", "none"])
+@pytest.mark.parametrize("reduction", list(REDUCTIONS))
+@pytest.mark.parametrize("weight", [False, True], ids=["noweight", "weight"])
+@pytest.mark.parametrize("target", ["index", "ignored", "prob"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ce_forward_is_ce_rows_plus_the_reduction(dtype, target, weight, reduction, mode):
+    x, tgt, inv_t, w, _ = make_case(37, 19, dtype, target=target, weight=weight, seed=5)
+    acc = acc_of(dtype)
+    red = REDUCTIONS[reduction]
+    loss, lse, grad, zdot, scale = _dispatch.cpu_module().ce_forward(
+        x, tgt, inv_t, w, IGNORE, 0.1, red, mode)
+    denom = mean_denominator(tgt, w) if reduction == "mean" else 1.0
+    # The scale is 1/denominator computed in float64 and rounded once to the acc dtype.
+    assert scale.dtype == acc and scale.shape == (1,)
+    assert scale.item() == torch.tensor(1.0 / denom, dtype=acc).item()
+    # Everything per row is ce_rows' own output with that scale, bit for bit.
+    rows, lse_r, grad_r, zdot_r = OPS.ce_rows(x, tgt, inv_t, w, IGNORE, 0.1, scale, mode, None)
+    for got, want in ((lse, lse_r), (grad, grad_r), (zdot, zdot_r)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    if reduction == "none":
+        assert torch.equal(loss, rows)
+        return
+    assert loss.dtype == acc and loss.shape == ()
+    want = rows.double().sum() / denom
+    torch.testing.assert_close(loss.double(), want, rtol=TOL[dtype]["acc"], atol=0)
+    # and against the reference loss in float64 (to the acc dtype's precision)
+    ref_rows = expected(x, tgt, inv_t, w, IGNORE, 0.1, torch.ones(1), False)[0]
+    torch.testing.assert_close(loss.double(), ref_rows.sum() / denom, rtol=TOL[dtype]["acc"],
+                               atol=TOL[dtype]["acc"])
+
+
+@pytest.mark.parametrize("weight", [False, True], ids=["noweight", "weight"])
+def test_ce_forward_mean_over_no_rows_is_nan_with_a_zero_gradient(weight):
+    x, tgt, inv_t, w, _ = make_case(6, 5, torch.float32, weight=weight)
+    tgt[:] = IGNORE
+    loss, _, grad, _, scale = _dispatch.cpu_module().ce_forward(
+        x, tgt, inv_t, w, IGNORE, 0.0, REDUCTIONS["mean"], GRAD_FULL)
+    assert loss.isnan() and scale.item() == 0.0
+    assert torch.equal(grad, torch.zeros_like(x))
+    empty = make_case(0, 5, torch.float32, target="prob")
+    loss = _dispatch.cpu_module().ce_forward(empty[0], empty[1], empty[2], None, IGNORE, 0.0,
+                                             REDUCTIONS["mean"], GRAD_FULL)[0]
+    assert loss.isnan()
+
+
+def test_ce_forward_checks_targets_before_indexing_the_weights():
+    x, tgt, inv_t, w, _ = make_case(4, 5, torch.float32, weight=True)
+    tgt[1] = 10**9  # as an index into the weights this would read far outside them
+    with pytest.raises(IndexError, match="target 1000000000 at row 1"):
+        _dispatch.cpu_module().ce_forward(x, tgt, inv_t, w, IGNORE, 0.0, REDUCTIONS["mean"],
+                                          GRAD_FULL)
+
+
+def test_ce_forward_rejects_an_unknown_reduction():
+    x, tgt, inv_t, w, _ = make_case(4, 5, torch.float32)
+    with pytest.raises(ValueError, match="reduction must be 0 .none., 1 .mean. or 2 .sum., got 3"):
+        _dispatch.cpu_module().ce_forward(x, tgt, inv_t, w, IGNORE, 0.0, 3, GRAD_FULL)
+
+
+def test_ce_forward_writes_into_grad_out():
+    x, tgt, inv_t, w, _ = make_case(9, 33, torch.float32, target="ignored")
+    out = torch.full_like(x, float("nan"))
+    loss, _, grad, _, scale = _dispatch.cpu_module().ce_forward(
+        x, tgt, inv_t, w, IGNORE, 0.0, REDUCTIONS["mean"], GRAD_FULL, out)
+    assert grad.numel() == 0
+    want = OPS.ce_rows(x, tgt, inv_t, w, IGNORE, 0.0, scale, GRAD_FULL, None)[2]
+    assert torch.equal(out, want)

@@ -633,14 +633,21 @@ void check_row_vector(const at::Tensor& v, const char* name, int64_t M, at::Scal
               " (the accumulation dtype of x), got ", v.scalar_type());
 }
 
-void check_index_targets(const at::Tensor& target, int64_t C, int64_t ignore_index) {
+// The reduction's denominator over index targets (mean): the summed weight of the rows that
+// are not ignored -- PyTorch's rule, label smoothing included -- counted in double while the
+// targets are checked, so no target is used as an index before it is known to be in range.
+double check_index_targets(const at::Tensor& target, int64_t C, int64_t ignore_index,
+                           const float* w32, const double* w64) {
   const int64_t* y = target.data_ptr<int64_t>();
+  double denom = 0;
   for (int64_t i = 0, M = target.numel(); i < M; ++i) {
-    TORCH_CHECK_INDEX(y[i] == ignore_index || (y[i] >= 0 && y[i] < C), "ce_rows: target ",
-                      y[i], " at row ", i, " is out of bounds for ", C,
-                      " classes (expected 0 <= target < ", C, " or target == ignore_index = ",
-                      ignore_index, ")");
+    if (y[i] == ignore_index) continue;
+    TORCH_CHECK_INDEX(y[i] >= 0 && y[i] < C, "ce_rows: target ", y[i], " at row ", i,
+                      " is out of bounds for ", C, " classes (expected 0 <= target < ", C,
+                      " or target == ignore_index = ", ignore_index, ")");
+    denom += w32 ? double(w32[y[i]]) : w64 ? w64[y[i]] : 1.0;
   }
+  return denom;
 }
 
 // ------------------------------------------------------------------------------------
@@ -695,15 +702,20 @@ void ce_rows_impl(const at::Tensor& x, const at::Tensor& target, const at::Tenso
   });
 }
 
-}  // namespace
+// ce_rows' arguments, checked: everything a direct call could get wrong, before any row is
+// read. `denom` is the mean's denominator over index targets (check_index_targets).
+struct CeCall {
+  at::Tensor target, weight, inv_t;
+  std::optional<at::Tensor> grad_out;  // set: the gradient goes there
+  at::ScalarType acc;
+  double denom = 0;
+};
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu::ce_rows(
-    const at::Tensor& x, const at::Tensor& target, const at::Tensor& inv_t,
-    const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
-    const at::Tensor& grad_scale, int64_t grad_mode, const std::optional<at::Tensor>& grad_out) {
-  // ---- checks: everything a direct call could get wrong, before any row is read ----
+CeCall check_ce_args(const at::Tensor& x, const at::Tensor& target, const at::Tensor& inv_t,
+                     const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                     double label_smoothing, int64_t grad_mode,
+                     const std::optional<at::Tensor>& grad_out) {
   check_grad_mode(grad_mode);
-  const bool write = grad_mode == kGradFull;
   TORCH_CHECK(x.device().is_cpu(), "ce_rows (CPU): x must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 2, "ce_rows: x must be 2-D (rows, classes), got shape ", x.sizes());
   const auto dt = x.scalar_type();
@@ -712,43 +724,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu::ce_rows(
   TORCH_CHECK(x.is_contiguous(), "ce_rows: x must be contiguous (strides ", x.strides(), ")");
   const int64_t M = x.size(0), C = x.size(1);
   TORCH_CHECK(C >= 1, "ce_rows: x must have at least one class, got shape ", x.sizes());
-  const auto acc = dt == at::kDouble ? at::kDouble : at::kFloat;
+  CeCall call;
+  call.acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
               "ce_rows: label_smoothing must be in [0, 1], got ", label_smoothing);
 
   TORCH_CHECK(target.device().is_cpu(), "ce_rows: target must be a CPU tensor, got ",
               target.device());
-  at::Tensor tgt;
   if (target.is_floating_point()) {
     TORCH_CHECK(target.sizes() == x.sizes(), "ce_rows: probability target must have the shape ",
                 "of x ", x.sizes(), ", got ", target.sizes());
     TORCH_CHECK(target.scalar_type() == dt, "ce_rows: probability target must have the dtype ",
                 "of x (", dt, "), got ", target.scalar_type());
-    tgt = target.contiguous();
   } else {
     TORCH_CHECK(target.scalar_type() == at::kLong, "ce_rows: index target must be int64, got ",
                 target.scalar_type());
     TORCH_CHECK(target.dim() == 1 && target.size(0) == M, "ce_rows: index target must have ",
                 "shape (", M, ",), got ", target.sizes());
-    tgt = target.contiguous();
-    check_index_targets(tgt, C, ignore_index);
   }
-  check_row_vector(inv_t, "inv_t", M, acc);
-  check_row_vector(grad_scale, "grad_scale", M, acc);
-  at::Tensor w;
+  call.target = target.contiguous();
+  check_row_vector(inv_t, "inv_t", M, call.acc);
+  call.inv_t = inv_t.contiguous();
   if (weight.has_value() && weight->defined()) {
     TORCH_CHECK(weight->device().is_cpu(), "ce_rows: weight must be a CPU tensor, got ",
                 weight->device());
     TORCH_CHECK(weight->dim() == 1 && weight->size(0) == C, "ce_rows: weight must have shape (",
                 C, ",), got ", weight->sizes());
-    TORCH_CHECK(weight->scalar_type() == acc, "ce_rows: weight must have dtype ", acc,
+    TORCH_CHECK(weight->scalar_type() == call.acc, "ce_rows: weight must have dtype ", call.acc,
                 " (the accumulation dtype of x), got ", weight->scalar_type());
-    w = weight->contiguous();
-  } else {
-    w = at::ones({C}, x.options().dtype(acc));
+    call.weight = weight->contiguous();
   }
-  const bool into_out = write && grad_out.has_value() && grad_out->defined();
-  if (into_out) {
+  if (!target.is_floating_point()) {
+    const bool w = call.weight.defined(), f32 = call.acc == at::kFloat;
+    call.denom = check_index_targets(call.target, C, ignore_index,
+                                     w && f32 ? call.weight.data_ptr<float>() : nullptr,
+                                     w && !f32 ? call.weight.data_ptr<double>() : nullptr);
+  }
+  if (!call.weight.defined()) call.weight = at::ones({C}, x.options().dtype(call.acc));
+  if (grad_mode == kGradFull && grad_out.has_value() && grad_out->defined()) {
     TORCH_CHECK(grad_out->device().is_cpu(), "ce_rows: grad_out must be a CPU tensor, got ",
                 grad_out->device());
     TORCH_CHECK(grad_out->sizes() == x.sizes(), "ce_rows: grad_out must have the shape of x ",
@@ -757,21 +770,76 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu::ce_rows(
                 dt, "), got ", grad_out->scalar_type());
     TORCH_CHECK(grad_out->is_contiguous(), "ce_rows: grad_out must be contiguous (strides ",
                 grad_out->strides(), ")");
+    call.grad_out = grad_out;
   }
+  return call;
+}
 
-  // ---- outputs ----
-  const auto acc_opts = x.options().dtype(acc);
+// The kernel over every row of a checked call: (loss per row, lse, grad, zdot).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_ce(
+    const at::Tensor& x, const CeCall& call, int64_t ignore_index, double label_smoothing,
+    const at::Tensor& grad_scale, int64_t grad_mode) {
+  const int64_t M = x.size(0), C = x.size(1);
+  check_row_vector(grad_scale, "grad_scale", M, call.acc);
+  const bool write = grad_mode == kGradFull;
+  const auto acc_opts = x.options().dtype(call.acc);
   at::Tensor loss = at::empty({M}, acc_opts), lse = at::empty({M}, acc_opts);
   at::Tensor zdot = at::empty({grad_mode != kGradNone ? M : 0}, acc_opts);
-  at::Tensor grad = write && !into_out ? empty_grad({M, C}, dt) : at::empty({0}, x.options());
-  at::Tensor grad_target = into_out ? *grad_out : grad;
-  const at::Tensor it = inv_t.contiguous(), gs = grad_scale.contiguous();
+  at::Tensor grad = write && !call.grad_out ? cpu::empty_grad({M, C}, x.scalar_type())
+                                            : at::empty({0}, x.options());
+  at::Tensor grad_target = call.grad_out ? *call.grad_out : grad;
+  const at::Tensor gs = grad_scale.contiguous();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "tempsoft_ce_rows_cpu", [&] {
-    ce_rows_impl<scalar_t>(x, tgt, it, w, ignore_index, label_smoothing, gs, grad_mode,
-                           grad_target, loss, lse, zdot);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "tempsoft_ce_rows_cpu", [&] {
+    ce_rows_impl<scalar_t>(x, call.target, call.inv_t, call.weight, ignore_index,
+                           label_smoothing, gs, grad_mode, grad_target, loss, lse, zdot);
   });
   return {loss, lse, grad, zdot};
+}
+
+// The reductions of tempsoft/ops/cross_entropy.py (_REDUCTIONS).
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu::ce_rows(
+    const at::Tensor& x, const at::Tensor& target, const at::Tensor& inv_t,
+    const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
+    const at::Tensor& grad_scale, int64_t grad_mode, const std::optional<at::Tensor>& grad_out) {
+  const CeCall call = check_ce_args(x, target, inv_t, weight, ignore_index, label_smoothing,
+                                    grad_mode, grad_out);
+  return run_ce(x, call, ignore_index, label_smoothing, grad_scale, grad_mode);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu::ce_forward(
+    const at::Tensor& x, const at::Tensor& target, const at::Tensor& inv_t,
+    const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
+    int64_t reduction, int64_t grad_mode, const std::optional<at::Tensor>& grad_out) {
+  TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum,
+                    "ce_forward: reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
+                    reduction);
+  const CeCall call = check_ce_args(x, target, inv_t, weight, ignore_index, label_smoothing,
+                                    grad_mode, grad_out);
+  const int64_t M = x.size(0);
+  // Mean over index targets: the summed weight of the rows not ignored; over probability
+  // targets: the number of rows. All rows ignored gives 0, so the loss is 0/0 = NaN and the
+  // gradient zero, as in PyTorch (a NaN weight keeps both NaN).
+  double denom = 1;
+  if (reduction == kMean) denom = target.is_floating_point() ? double(M) : call.denom;
+  const double scale = denom == 0 ? 0.0 : 1.0 / denom;
+  const auto acc_opts = x.options().dtype(call.acc);
+  at::Tensor scale_t = at::full({1}, scale, acc_opts);
+  auto [rows, lse, grad, zdot] = run_ce(x, call, ignore_index, label_smoothing, scale_t,
+                                        grad_mode);
+  if (reduction == kNone) return {rows, lse, grad, zdot, scale_t};
+  double total = 0;
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "tempsoft_ce_reduce", [&] {
+    const scalar_t* r = rows.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < M; ++i) total += double(r[i]);
+  });
+  const double value = reduction == kSum ? total : total / denom;
+  return {at::scalar_tensor(value, acc_opts), lse, grad, zdot, scale_t};
 }
 
 }  // namespace tempsoft

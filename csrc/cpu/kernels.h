@@ -18,6 +18,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_rows(
     const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
     const at::Tensor& grad_scale, int64_t grad_mode, const std::optional<at::Tensor>& grad_out);
 
+// The CPU op's whole forward in one call (tempsoft/ops/cross_entropy.py calls it directly,
+// without the dispatcher): ce_rows' checks and kernel with the reduction's scale, which it
+// derives from the targets while checking them, and the reduction itself. reduction: 0 none,
+// 1 mean, 2 sum. Returns (loss: the reduced 0-d loss or the per-row losses, lse, grad, zdot,
+// scale: the (1,) factor folded into the gradient, 1/denominator for the mean, else 1).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward(
+    const at::Tensor& x, const at::Tensor& target, const at::Tensor& inv_t,
+    const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
+    int64_t reduction, int64_t grad_mode, const std::optional<at::Tensor>& grad_out);
+
 // Contract: tempsoft/kernels/reference.py, pgd_step. x_adv by value: every backend of one
 // op registers the same C++ signature.
 void pgd_step_(at::Tensor x_adv, const at::Tensor& grad, const at::Tensor& x_nat,

@@ -43,6 +43,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Make this level's kernels the CPU kernels of the tempsoft_C ops (once per process; "
         "a process registers one level).");
   m.def("ce_rows", &tempsoft::cpu::ce_rows, "tempsoft_C::ce_rows, this level's CPU kernel.");
+  m.def("ce_forward", &tempsoft::cpu::ce_forward, pybind11::arg("x"), pybind11::arg("target"),
+        pybind11::arg("inv_t"), pybind11::arg("weight"), pybind11::arg("ignore_index"),
+        pybind11::arg("label_smoothing"), pybind11::arg("reduction"),
+        pybind11::arg("grad_mode"), pybind11::arg("grad_out") = pybind11::none(),
+        "The CPU op's forward: ce_rows' checks and kernel plus the reduction, in one call "
+        "(csrc/cpu/kernels.h).");
   m.def("pgd_step_", &tempsoft::cpu::pgd_step_,
         "tempsoft_C::pgd_step_, this level's CPU kernel.");
   m.def("grad_cache_stats", [] {
