@@ -9,6 +9,8 @@ Ground truth is the reference evaluated in float64 on the same (upcast) inputs.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -506,3 +508,69 @@ def test_ce_forward_writes_into_grad_out():
     assert grad.numel() == 0
     want = OPS.ce_rows(x, tgt, inv_t, w, IGNORE, 0.0, scale, GRAD_FULL, None)[2]
     assert torch.equal(out, want)
+
+
+# --------------------------------------------------------------------------------------
+# Streaming stores: gradients of 8 MiB or more (csrc/cpu/cross_entropy.cpp,
+# kConfig.stream_min_bytes) whose rows are one block are written with non-temporal stores,
+# smaller ones with plain stores. The values must not change by a bit.
+# --------------------------------------------------------------------------------------
+STREAM_MIN_BYTES = 8 << 20
+
+STREAM_CASES = {
+    # name: (rows, classes, dtype, target, weight, smoothing)
+    "index": (2100, 1000, torch.float32, "index", False, 0.0),
+    "ignored_smoothing": (2100, 1000, torch.float32, "ignored", False, 0.1),
+    "prob_weight": (1100, 2047, torch.float32, "prob", True, 0.05),
+    "weight_odd_width": (1700, 1283, torch.float32, "index", True, 0.0),
+    "fp64": (1100, 1000, torch.float64, "index", True, 0.1),
+}
+
+
+# Every level this CPU runs: avx2 and avx512 stream with their own intrinsics, default not.
+LEVELS = [level for level in _dispatch.CPU_LEVELS
+          if level in _dispatch._cpu_supported_levels()
+          and importlib.util.find_spec(f"tempsoft._cpu_{level}") is not None]
+
+
+def _in_chunks(ce_rows, x, tgt, inv_t, w, eps, gscale, out=None, rows=256):
+    """ce_rows over row chunks small enough for plain stores, concatenated."""
+    parts = []
+    for r0 in range(0, x.shape[0], rows):
+        sl = slice(r0, r0 + rows)
+        parts.append(ce_rows(x[sl], tgt[sl], inv_t, w, IGNORE, eps, gscale, GRAD_FULL,
+                             None if out is None else out[sl]))
+    return [torch.cat([p[k] for p in parts]) for k in range(4)]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("case", list(STREAM_CASES))
+def test_streamed_gradient_equals_the_plainly_stored_one(case, level):
+    ce_rows = _dispatch.cpu_level_module(level).ce_rows
+    m, c, dtype, target, weight, eps = STREAM_CASES[case]
+    assert m * c * dtype.itemsize >= STREAM_MIN_BYTES > 256 * c * dtype.itemsize
+    x, tgt, inv_t, w, gscale = make_case(m, c, dtype, target=target, weight=weight, seed=11)
+    whole = ce_rows(x, tgt, inv_t, w, IGNORE, eps, gscale, GRAD_FULL, None)
+    chunks = _in_chunks(ce_rows, x, tgt, inv_t, w, eps, gscale)
+    for name, a, b in zip(("loss", "lse", "grad", "zdot"), whole, chunks):
+        assert torch.equal(a, b), f"{name} differs between streamed and plain stores"
+    # and the gradient is the right one
+    want = expected(x[:64], tgt[:64], inv_t, w, IGNORE, eps, gscale, True)
+    assert_matches([o[:64] for o in whole], want, dtype, True)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("offset", [0, 3], ids=["aligned", "misaligned"])
+def test_streamed_gradient_into_grad_out_and_into_x(offset, level):
+    """Into a separate buffer starting off the vector alignment, and over x itself."""
+    ce_rows = _dispatch.cpu_level_module(level).ce_rows
+    m, c = 2100, 1000
+    x, tgt, inv_t, w, gscale = make_case(m, c, torch.float32, target="ignored", seed=12)
+    want = _in_chunks(ce_rows, x, tgt, inv_t, w, 0.0, gscale)
+    buf = torch.full((m * c + offset,), float("nan"))
+    out = buf[offset:].view(m, c)
+    ce_rows(x, tgt, inv_t, w, IGNORE, 0.0, gscale, GRAD_FULL, out)
+    assert torch.equal(out, want[2])
+    x_copy = x.clone()
+    ce_rows(x_copy, tgt, inv_t, w, IGNORE, 0.0, gscale, GRAD_FULL, x_copy)
+    assert torch.equal(x_copy, want[2])

@@ -71,8 +71,16 @@ struct CeCpuConfig {
   // Logits per parallel task: below this a row range stays on one thread, since waking
   // the OpenMP team costs more than it saves.
   int64_t min_elems_per_task;
+  // Gradients of at least this many bytes are written with streaming stores where their
+  // rows are one block (pass 2 from the scratch row). A plainly stored gradient this large
+  // (a quarter of the 32 MiB L3 we measured on) mostly leaves the cache before anyone reads
+  // it, and on the way evicts everything else -- glibc's memcpy streams large copies for
+  // the same reason. Measured: the Python and autograd code that runs right after a 32 MB
+  // stream costs 4-6x its warm time, and streaming made the kernel 16-24% faster at
+  // 4096 x 1000 (benchmarks/RESULTS.md, 2026-11-30).
+  int64_t stream_min_bytes;
 };
-constexpr CeCpuConfig kConfig{2048, 1 << 15};
+constexpr CeCpuConfig kConfig{2048, 1 << 15, int64_t(8) << 20};
 
 int64_t grain_rows(int64_t cols) {
   return std::max<int64_t>(1, kConfig.min_elems_per_task / std::max<int64_t>(cols, 1));
@@ -232,6 +240,7 @@ struct Params {
   bool prob;            // probability targets
   bool zdot;            // grad_mode != none: zdot (sed in pass 1); the gradient is written
                         // where the row's gradient pointer is not null
+  bool stream;          // one-block rows write their gradient with streaming stores
 };
 
 // Whether pass 2 takes exp(d_c) from pass 1's scratch row (rows of one block).
@@ -366,17 +375,58 @@ Sums pass1_block(const acc_t* x, const acc_t* w, const acc_t* q, int64_t n, acc_
 }
 
 // ------------------------------------------------------------------------------------
-// Pass 2: the gradient of one block, g_c = coef * exp(d_c) - k * (term_c)
+// Pass 2: the gradient of one block, g_c = coef * exp(d_c) - k * (term_c) - [c == y] gst g_y
 // ------------------------------------------------------------------------------------
+// Streaming (non-temporal) stores write straight to memory: no read of each destination
+// line first, and no eviction of what the cache holds. They need vector-aligned addresses:
+// a row's lanes up to that alignment, and its tail, use plain stores.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kCanStream = true;
+inline void stream_store(float* p, const Vectorized<float>& v) { _mm512_stream_ps(p, v); }
+inline void stream_store(double* p, const Vectorized<double>& v) { _mm512_stream_pd(p, v); }
+inline void stream_fence() { _mm_sfence(); }
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr bool kCanStream = true;
+inline void stream_store(float* p, const Vectorized<float>& v) { _mm256_stream_ps(p, v); }
+inline void stream_store(double* p, const Vectorized<double>& v) { _mm256_stream_pd(p, v); }
+inline void stream_fence() { _mm_sfence(); }
+#else
+constexpr bool kCanStream = false;
+template <typename acc_t>
+inline void stream_store(acc_t* p, const Vectorized<acc_t>& v) { v.store(p); }
+inline void stream_fence() {}
+#endif
+
+// g - gst * g_y: the target column's extra term, rounded the same way wherever it is applied
+// (after a plain store, or in a lane before a streaming one). In double an explicit fma: left
+// as written, the compiler fuses it in some places and not in others. In float the product
+// is rounded to float first, which leaves nothing to fuse.
+template <typename acc_t>
+inline acc_t minus_y_term(acc_t g, double gst, double g_y) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return std::fma(-gst, g_y, g);
+  } else {
+    return g - acc_t(gst * g_y);
+  }
+}
+
 // kFromX: exp(d_c) = exp((x_c - m) t) recomputed from x (src = x); else read (src = e).
+// kStream: y_local, the target's column within this block or -1, whose gradient also loses
+// gst * g_y (minus_y_term; in the register where its vector is streamed: a streamed line is
+// not read back). The plain path's caller applies it after the store.
 // g may be x itself: each vector of x is loaded before the same vector of g is stored.
-template <typename acc_t, Terms kTerms, bool kFromX>
+template <typename acc_t, Terms kTerms, bool kFromX, bool kStream>
 void pass2_block(const acc_t* src, const acc_t* w, const acc_t* q, int64_t n, acc_t m, acc_t t,
-                 acc_t coef, acc_t k, acc_t one_m_eps, acc_t eps_c, acc_t* g) {
+                 acc_t coef, acc_t k, acc_t one_m_eps, acc_t eps_c, int64_t y_local,
+                 double gst, double g_y, acc_t* g) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  const Vec cv(coef), kv(k), mv(m), tv(t);
-  auto step = [&](int64_t i, int64_t count) {
+  const Vec cv(coef), nkv(-k), mv(m), tv(t);
+  // Every multiply-add is an explicit fmadd and nothing is left for the compiler to fuse:
+  // it may fuse a written a * b + c in one inlined copy of this lambda and not in another,
+  // and then a streamed row (aligned head, other vector boundaries) would differ in the
+  // last bit from the same row stored plainly.
+  auto value = [&](int64_t i, int64_t count) {
     Vec ex;
     if constexpr (kFromX) {
       ex = exp_nonpos((Vec::loadu(src + i, count) - mv) * tv);
@@ -385,16 +435,38 @@ void pass2_block(const acc_t* src, const acc_t* w, const acc_t* q, int64_t n, ac
     }
     Vec out = cv * ex;
     if constexpr (kTerms == Terms::kWeight) {
-      out = out - kv * Vec::loadu(w + i, count);
+      out = at::vec::fmadd(nkv, Vec::loadu(w + i, count), out);
     } else if constexpr (kTerms == Terms::kProb) {
-      const Vec qq = Vec::loadu(q + i, count) * Vec(one_m_eps) + Vec(eps_c);
-      out = out - kv * Vec::loadu(w + i, count) * qq;
+      const Vec qq = at::vec::fmadd(Vec::loadu(q + i, count), Vec(one_m_eps), Vec(eps_c));
+      out = at::vec::fmadd(nkv * Vec::loadu(w + i, count), qq, out);
     }
-    out.store(g + i, count);
+    return out;
   };
   int64_t i = 0;
-  for (; i + V <= n; i += V) step(i, V);
-  if (i < n) step(i, n - i);
+  if constexpr (kStream) {
+    constexpr int64_t kAlign = V * int64_t(sizeof(acc_t));
+    const int64_t off = int64_t(reinterpret_cast<uintptr_t>(g) % kAlign) / int64_t(sizeof(acc_t));
+    const int64_t head = std::min(n, off == 0 ? int64_t(0) : V - off);
+    if (head > 0) value(0, head).store(g, head);
+    for (i = head; i + V <= n; i += V) {
+      Vec out = value(i, V);
+      if (y_local >= i && y_local < i + V) {  // the same subtraction as below, in a lane
+        alignas(64) acc_t lanes[V];
+        out.store(lanes);
+        lanes[y_local - i] = minus_y_term(lanes[y_local - i], gst, g_y);
+        out = Vec::loadu(lanes);
+      }
+      stream_store(g + i, out);
+    }
+    if (i < n) value(i, n - i).store(g + i, n - i);
+    if (y_local >= 0 && (y_local < head || y_local >= i)) {
+      g[y_local] = minus_y_term(g[y_local], gst, g_y);
+    }
+  } else {
+    auto step = [&](int64_t j, int64_t count) { value(j, count).store(g + j, count); };
+    for (; i + V <= n; i += V) step(i, V);
+    if (i < n) step(i, n - i);
+  }
 }
 
 // ------------------------------------------------------------------------------------
@@ -426,12 +498,20 @@ class RowKernel {
   template <Terms kTerms>
   RowOut dispatch(const scalar_t* x, const scalar_t* q, int64_t y, acc_t t, acc_t gscale,
                   scalar_t* g, bool ignored) {
-    if (p_.zdot && !ignored) return finite_row<true, kTerms>(x, q, y, t, gscale, g, ignored);
+    if (p_.zdot && !ignored) {
+      // Streaming is its own instantiation: a run-time choice inside the row's code made
+      // rows of C = 10-100 8-19% slower (1 thread), streaming or not.
+      if (kCanStream && std::is_same_v<scalar_t, acc_t> && p_.stream && keeps_exp(p_.C)) {
+        return finite_row<true, kTerms, true>(x, q, y, t, gscale, g, ignored);
+      }
+      return finite_row<true, kTerms>(x, q, y, t, gscale, g, ignored);
+    }
     return finite_row<false, kTerms>(x, q, y, t, gscale, g, ignored);
   }
 
   // Inlined into the row loop: as a call it cost ~8 ns a row at C = 10 (1 thread).
-  template <bool kGrad, Terms kTerms>
+  // kStream: pass 2 stores the gradient with streaming stores (one-block fp32 / fp64 rows).
+  template <bool kGrad, Terms kTerms, bool kStream = false>
   C10_ALWAYS_INLINE RowOut finite_row(const scalar_t* x, const scalar_t* q, int64_t y,
                                       acc_t t, acc_t gscale, scalar_t* g, bool ignored) {
     const int64_t C = p_.C, B = kConfig.block_cols;
@@ -532,17 +612,29 @@ class RowKernel {
       } else {
         gb = sc_.gs.data();
       }
-      if (store == ExpStore::kScratch) {
-        pass2_block<acc_t, kTerms, false>(sc_.e.data() + c0, p_.w + c0, qb, n, m, t, coef, k,
-                                          p_.one_m_eps, p_.eps_c, gb);
-      } else if (store == ExpStore::kGradRow) {
-        pass2_block<acc_t, kTerms, false>(gb, p_.w + c0, qb, n, m, t, coef, k, p_.one_m_eps,
-                                          p_.eps_c, gb);
+      if constexpr (kStream) {
+        // dispatch chose this only for one-block rows (exponentials in the scratch row)
+        // whose gradient is the destination itself (not a half-precision staging row).
+        const int64_t y_local = y_fix >= c0 && y_fix < c0 + n ? y_fix - c0 : -1;
+        pass2_block<acc_t, kTerms, false, true>(sc_.e.data() + c0, p_.w + c0, qb, n, m, t,
+                                                coef, k, p_.one_m_eps, p_.eps_c, y_local,
+                                                gst, double(g_y_fix), gb);
       } else {
-        pass2_block<acc_t, kTerms, true>(as_acc(x + c0, n, sc_.xs), p_.w + c0, qb, n, m, t,
-                                         coef, k, p_.one_m_eps, p_.eps_c, gb);
+        if (store == ExpStore::kScratch) {
+          pass2_block<acc_t, kTerms, false, false>(sc_.e.data() + c0, p_.w + c0, qb, n, m, t,
+                                                   coef, k, p_.one_m_eps, p_.eps_c, -1, 0, 0, gb);
+        } else if (store == ExpStore::kGradRow) {
+          pass2_block<acc_t, kTerms, false, false>(gb, p_.w + c0, qb, n, m, t, coef, k,
+                                                   p_.one_m_eps, p_.eps_c, -1, 0, 0, gb);
+        } else {
+          pass2_block<acc_t, kTerms, true, false>(as_acc(x + c0, n, sc_.xs), p_.w + c0, qb,
+                                                  n, m, t, coef, k, p_.one_m_eps, p_.eps_c,
+                                                  -1, 0, 0, gb);
+        }
+        if (y_fix >= c0 && y_fix < c0 + n) {
+          gb[y_fix - c0] = minus_y_term(gb[y_fix - c0], gst, double(g_y_fix));
+        }
       }
-      if (y_fix >= c0 && y_fix < c0 + n) gb[y_fix - c0] -= acc_t(gst * g_y_fix);
       if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(gb, g + c0, n);
     }
     return out;
@@ -670,6 +762,7 @@ void ce_rows_impl(const at::Tensor& x, const at::Tensor& target, const at::Tenso
   p.prob = target.is_floating_point();
   p.zdot = grad_mode != kGradNone;
   const bool write = grad_mode == kGradFull;
+  p.stream = write && M * C * int64_t(sizeof(scalar_t)) >= kConfig.stream_min_bytes;
   p.w = weight.data_ptr<acc_t>();
   double W = 0;
   for (int64_t c = 0; c < C; ++c) W += p.w[c];
@@ -699,6 +792,9 @@ void ce_rows_impl(const at::Tensor& x, const at::Tensor& target, const at::Tenso
       lsep[i] = acc_t(r.lse);
       if (zdotp) zdotp[i] = acc_t(r.zdot);
     }
+    // Streaming stores are weakly ordered: complete them before any thread reads the
+    // gradient.
+    if (p.stream) stream_fence();
   });
 }
 
