@@ -114,10 +114,22 @@ def _cpu_kernels() -> tuple[Optional[str], str]:
     return _load_cpu_level()
 
 
+def built_cpu_levels() -> set:
+    """The levels of the CPU kernels installed (whether or not this CPU can run them)."""
+    return {level for level in CPU_LEVELS
+            if importlib.util.find_spec(f"tempsoft._cpu_{level}") is not None}
+
+
+def loadable_cpu_levels() -> list:
+    """The levels installed that this CPU runs, best first: the ones that may be imported
+    (importing one the CPU cannot run could raise SIGILL)."""
+    built, supported = built_cpu_levels(), _cpu_supported_levels()
+    return [level for level in CPU_LEVELS if level in built and level in supported]
+
+
 @functools.lru_cache(maxsize=None)
 def _load_cpu_level() -> tuple[Optional[str], str]:
-    built = {level for level in CPU_LEVELS
-             if importlib.util.find_spec(f"tempsoft._cpu_{level}") is not None}
+    built = built_cpu_levels()
     forced = os.environ.get("TEMPSOFT_CPU_CAPABILITY", "").strip().lower() or None
     level, why = choose_cpu_level(built, _cpu_supported_levels(), forced)
     if level is None:

@@ -35,8 +35,7 @@ def _module():
     """The loaded CPU kernel module (its cache is the one in use), or None."""
     from tempsoft import _dispatch
 
-    level = _dispatch.cpu_level()
-    return None if level is None else _dispatch.cpu_level_module(level)
+    return None if _dispatch.cpu_level() is None else _dispatch.cpu_module()
 
 
 def cpu_cache_info() -> dict:

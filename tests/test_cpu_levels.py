@@ -22,13 +22,8 @@ from tempsoft import _dispatch
 from tempsoft.kernels import reference
 
 
-def _built(level: str) -> bool:
-    return importlib.util.find_spec(f"tempsoft._cpu_{level}") is not None
-
-
 # Levels this machine can load: importing a level the CPU lacks could raise SIGILL.
-LEVELS = [level for level in _dispatch.CPU_LEVELS
-          if _built(level) and level in _dispatch._cpu_supported_levels()]
+LEVELS = _dispatch.loadable_cpu_levels()
 needs_levels = pytest.mark.skipif(not LEVELS, reason="no C++ CPU kernel level is built")
 
 

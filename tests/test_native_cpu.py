@@ -9,8 +9,6 @@ Ground truth is the reference evaluated in float64 on the same (upcast) inputs.
 """
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -528,9 +526,7 @@ STREAM_CASES = {
 
 
 # Every level this CPU runs: avx2 and avx512 stream with their own intrinsics, default not.
-LEVELS = [level for level in _dispatch.CPU_LEVELS
-          if level in _dispatch._cpu_supported_levels()
-          and importlib.util.find_spec(f"tempsoft._cpu_{level}") is not None]
+LEVELS = _dispatch.loadable_cpu_levels()
 
 
 def _in_chunks(ce_rows, x, tgt, inv_t, w, eps, gscale, out=None, rows=256):
