@@ -8,7 +8,9 @@ targets, forward and gradient, T = 0.5).  Builds are timed in interleaved rounds
 build must be a file of its own: one file loaded twice runs its module initialisation twice
 over the same statics.
 
-Cases are ``NxV:threads``.  With one thread the clock is the thread's CPU time (steady on
+Cases are ``NxV:threads`` for ``ce_rows`` and ``linf:BxN:threads`` or ``l2:BxN:threads``
+for ``pgd_step_`` (B images of N fp32 values each, per-sample eps and alpha, in the
+attacks' settings: Linf 8/255 and 2/255, L2 0.5 and 0.125).  With one thread the clock is the thread's CPU time (steady on
 a shared machine) and the inputs fit in cache; with more, wall time, the inputs rotate
 through enough sets to exceed the last-level cache, and the gradient goes to preallocated
 buffers (``grad_out``), so that page faults of fresh memory stay out of the comparison.
@@ -33,6 +35,7 @@ from _common import bench_many, copy_fn, load_average, rotation_sets, run_info  
 
 GRAD_FULL = 1  # tempsoft.kernels.reference.GRAD_FULL (not imported: see load_build)
 DEFAULT_CASES = "4096x10:1,512x1000:1,2048x64:1,64x32000:1,4096x1000:2,4096x4096:2"
+PGD_NORMS = {"linf": (0, 8 / 255, 2 / 255), "l2": (2, 0.5, 0.125)}  # code, eps, alpha
 
 
 def load_build(label: str, path: str, level: str):
@@ -46,10 +49,15 @@ def load_build(label: str, path: str, level: str):
     return module
 
 
-def parse_case(text: str) -> tuple[int, int, int]:
+def parse_case(text: str) -> tuple[str, int, int, int]:
+    """'NxV:threads' -> ('ce', N, V, threads); 'l2:BxN:threads' -> ('l2', B, N, threads)."""
+    kernel = "ce"
+    head, sep, rest = text.partition(":")
+    if head.lower() in PGD_NORMS:
+        kernel, text = head.lower(), rest
     shape, _, threads = text.partition(":")
     n, v = shape.lower().split("x")
-    return int(n), int(v), int(threads or 1)
+    return kernel, int(n), int(v), int(threads or 1)
 
 
 def time_case(builds: dict, n: int, v: int, threads: int, rounds: int, calls: int) -> dict:
@@ -77,6 +85,41 @@ def time_case(builds: dict, n: int, v: int, threads: int, rounds: int, calls: in
                       clock="cpu" if threads == 1 else "wall")
 
 
+def time_pgd_case(builds: dict, norm: str, b: int, n: int, threads: int, rounds: int,
+                  calls: int) -> dict:
+    """Median ms per call of each build's pgd_step_ and of a copy_ of one image batch.
+
+    Every call steps its set's x_adv in place, continuing from that set's previous step:
+    after a few steps the points sit on the ball's surface, where an attack's steps are
+    too (the step costs the same inside and on the ball: both take all three passes).
+    """
+    torch.set_num_threads(threads)
+    sets = 1 if threads == 1 else rotation_sets(3 * b * n * 4)
+    code, eps, alpha = PGD_NORMS[norm]
+    gen = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(sets):
+        x_nat = torch.rand(b, n, generator=gen)
+        x_adv = (x_nat + 0.01 * torch.randn(b, n, generator=gen)).clamp(0, 1)
+        data.append((x_adv, torch.randn(b, n, generator=gen), x_nat))
+    e, a = torch.full((b,), eps), torch.full((b,), alpha)
+
+    def step(module):
+        state = {"i": 0}
+
+        def call():
+            x_adv, grad, x_nat = data[state["i"] % sets]
+            state["i"] += 1
+            module.pgd_step_(x_adv, grad, x_nat, e, a, None, code, 0.0, 1.0)
+
+        return call
+
+    fns = {label: step(module) for label, module in builds.items()}
+    fns["copy"] = copy_fn(b * n, torch.float32, "cpu", sets=sets)
+    return bench_many(fns, repeats=rounds * calls, warmup=2, rounds=rounds,
+                      clock="cpu" if threads == 1 else "wall")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("builds", nargs="+", help="label=path/to/_cpu_<level>.so, two or more")
@@ -93,16 +136,20 @@ def main(argv=None) -> int:
         builds[label] = load_build(label, path, args.level)
     info = run_info("cpu")
     print(f"# {info['machine']}, torch {info['torch']}, {info['date']}, load "
-          f"{load_average():.1f}; fp32, forward + gradient, T = 0.5; ms = median")
+          f"{load_average():.1f}; fp32; ce_rows: forward + gradient, T = 0.5; ms = median")
     header = ["case"] + [f"{b} ms" for b in builds] + ["copy ms"] + [
         f"{b} / {list(builds)[0]}" for b in list(builds)[1:]]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for case in args.cases.split(","):
-        n, v, threads = parse_case(case)
-        ms = time_case(builds, n, v, threads, args.rounds, args.calls)
+        kernel, n, v, threads = parse_case(case)
+        if kernel == "ce":
+            ms = time_case(builds, n, v, threads, args.rounds, args.calls)
+        else:
+            ms = time_pgd_case(builds, kernel, n, v, threads, args.rounds, args.calls)
         first = ms[list(builds)[0]]
-        cells = [f"{n}x{v}, {threads} thread{'s' if threads > 1 else ''}"]
+        name = f"{n}x{v}" if kernel == "ce" else f"pgd {kernel} {n}x{v}"
+        cells = [f"{name}, {threads} thread{'s' if threads > 1 else ''}"]
         cells += [f"{ms[b]:.3g}" for b in builds] + [f"{ms['copy']:.3g}"]
         cells += [f"{ms[b] / first:.2f}" for b in list(builds)[1:]]
         print("| " + " | ".join(cells) + " |", flush=True)

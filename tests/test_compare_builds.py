@@ -25,16 +25,19 @@ def test_compare_builds_prints_a_row_per_case(tmp_path):
     a, b = shutil.copy(built, tmp_path / "a.so"), shutil.copy(built, tmp_path / "b.so")
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "compare_builds.py"), f"a={a}",
-         f"b={b}", "--level", level, "--cases", "8x10:1,16x3000:2", "--rounds", "2",
+         f"b={b}", "--level", level, "--cases", "8x10:1,16x3000:2,l2:4x75:1,linf:4x75:2", "--rounds", "2",
          "--calls", "1"],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| 8x10")
-            or line.startswith("| 16x3000")]
-    assert len(rows) == 2, done.stdout
-    assert rows[1].startswith("| 16x3000, 2 threads |")
-    assert len(rows[0].split("|")) == 7  # case, a, b, copy, b / a, and the two edges
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")
+            and "thread" in line]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "8x10, 1 thread", "16x3000, 2 threads", "pgd l2 4x75, 1 thread",
+        "pgd linf 4x75, 2 threads"], done.stdout
+    for row in rows:
+        assert len(row.split("|")) == 7  # case, a, b, copy, b / a, and the two edges
+        assert all(float(cell) > 0 for cell in row.split("|")[2:6]), row
 
 
 def test_compare_builds_rejects_a_bad_label():
