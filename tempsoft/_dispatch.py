@@ -293,6 +293,23 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
+def runs_cpu_kernels(backend: str) -> bool:
+    """Whether ``resolve(backend, <a CPU tensor>)`` gives "cpu", without raising.
+
+    The per-call test of the op's C++ common case, in the fewest Python calls: in a training
+    step it runs with caches that the model just streamed through, where each call costs
+    microseconds. Whatever is unusual (another backend, a bad name, no kernels) is False,
+    and resolve() on the general path then says what it has to.
+    """
+    if backend == "auto":
+        env = os.environ.get("TEMPSOFT_BACKEND")
+        if env and env.strip() not in ("", "auto", "cpu"):
+            return False
+    elif backend != "cpu":
+        return False
+    return _cpu_kernels()[0] is not None
+
+
 def _warn_fallback(why: str) -> None:
     global _warned_fallback
     if not _warned_fallback:

@@ -49,6 +49,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("grad_mode"), pybind11::arg("grad_out") = pybind11::none(),
         "The CPU op's forward: ce_rows' checks and kernel plus the reduction, in one call "
         "(csrc/cpu/kernels.h).");
+  m.def("ce_loss", &tempsoft::cpu::ce_loss,
+        "The CPU op's common case: the loss, with a C++ autograd node when x needs a "
+        "gradient (csrc/cpu/autograd.cpp). Positional: x, target, inv_t, weight, "
+        "ignore_index, label_smoothing, reduction.");
   m.def("pgd_step_", &tempsoft::cpu::pgd_step_,
         "tempsoft_C::pgd_step_, this level's CPU kernel.");
   m.def("grad_cache_stats", [] {

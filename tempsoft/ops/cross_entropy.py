@@ -7,7 +7,10 @@ written in the backward pass), with their autograd formula -> :func:`cross_entro
 (argument checks, layout, temperature handling).  On the C++ CPU backend the range check,
 the reduction's scale, the kernel and the reduction are one call (``ce_forward``, straight
 to the kernel's module): around a memory-bound kernel of a millisecond, the dozen small
-tensor ops they took in Python cost a tenth of the time.
+tensor ops they took in Python cost a tenth of the time.  In eager mode the common CPU case
+(:func:`_cpu_common_case`) goes further: one C++ call also builds a C++ autograd node
+(``ce_loss``, csrc/cpu/autograd.cpp) with this file's formula for that case, so neither
+pass runs the Python below.
 
 Where the gradient is written is decided in one place, :func:`_grad_in_forward`:
 
@@ -443,6 +446,11 @@ def cross_entropy(
         >>> loss = tempsoft.cross_entropy(logits, labels, T=2.0)
         >>> loss.backward()
     """
+    if _cpu_common_case(input, target, T, weight, ignore_index, reduction, label_smoothing,
+                        backend, inplace_backward):
+        return _dispatch.cpu_module().ce_loss(  # eager, CPU: the constant cache serves
+            input, target, _cached_constant(1.0 / T, input.dtype, input.device), weight,
+            ignore_index, float(label_smoothing), _REDUCTIONS[reduction])
     red = _check_reduction(reduction)
     input, target = _autocast_inputs(input, target, weight)
     x2d, t_rows, out_shape = _to_rows(input, target, ignore_index, label_smoothing)
@@ -471,6 +479,42 @@ def cross_entropy(
     if red == _REDUCTIONS["none"]:
         loss = loss.reshape(out_shape)
     return loss.to(_result_dtype(input))
+
+
+_COMMON_DTYPES = (torch.float32, torch.float64)
+_COMMON_INPUT_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _cpu_common_case(input, target, T, weight, ignore_index, reduction, label_smoothing,
+                     backend, inplace_backward) -> bool:
+    """Whether the call is the common CPU case that one C++ call serves whole, loss and
+    autograd node (csrc/cpu/autograd.cpp): (N, C) fp32/fp64 logits, (N,) int64 class
+    indices, a number T, at most a constant weight of the logits' dtype, no in-place write,
+    the C++ CPU backend, eager mode.
+
+    Every argument that passes these comparisons is valid, so the checks in cross_entropy
+    below this test have nothing to say about it (the targets' values are checked in the C++
+    call, as on the general path); anything else, including every argument that deserves an
+    error message, takes the general path. Exact type tests keep tensor subclasses (which
+    may override torch functions) on the general path.
+    """
+    if (type(input) not in _COMMON_INPUT_TYPES or type(target) is not Tensor
+            or not input.is_cpu or input.dtype not in _COMMON_DTYPES or input.dim() != 2
+            or target.dtype is not torch.int64 or target.dim() != 1 or not target.is_cpu
+            or target.shape[0] != input.shape[0] or type(T) not in (float, int)
+            or not 0 < T < math.inf or type(ignore_index) is not int
+            or type(label_smoothing) not in (float, int) or not 0 <= label_smoothing <= 1
+            or type(reduction) is not str or reduction not in _REDUCTIONS
+            or inplace_backward is not False):
+        return False
+    if weight is not None and (
+            type(weight) not in _COMMON_INPUT_TYPES or weight.requires_grad
+            or weight.dtype is not input.dtype or not weight.is_cpu or weight.dim() != 1
+            or weight.shape[0] != input.shape[1] or not weight.is_contiguous()):
+        return False
+    if 1.0 / T > _ACC_MAX[input.dtype] or torch.compiler.is_compiling():
+        return False
+    return _dispatch.runs_cpu_kernels(backend)
 
 
 def _check_reduction(reduction: str) -> int:
