@@ -304,6 +304,37 @@ def test_noncontiguous_and_aliased_inputs(backend, device):
     assert torch.equal(same, want)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "strided x_adv", "x_nat aliases x_adv",
+                                    "grad aliases x_adv", "strided grad"])
+def test_eager_calls_go_straight_to_the_native_kernel_when_they_can(layout, monkeypatch):
+    """Contiguous, unaliased x_adv and x_nat take the attacks' direct call (no custom op);
+    everything else takes the custom op, which makes copies. Both give the reference."""
+    _skip_unavailable("cpu")
+    from tempsoft.ops import pgd as pgd_mod
+
+    x_adv, grad, x_nat, eps, alpha, active = _case((6, 5, 7), "l2")
+    want = _reference(x_adv, grad, x_nat, eps, alpha, "l2", 0.0, 1.0, active)
+    direct = []
+    checked = pgd_mod._pgd_step_checked_
+    monkeypatch.setattr(pgd_mod, "_pgd_step_checked_",
+                        lambda *a: direct.append(a[-1]) or checked(*a))
+    target = x_adv.clone()
+    if layout == "strided x_adv":
+        target = x_adv.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "x_nat aliases x_adv":
+        target, x_nat = x_adv.clone(), None
+        want = _reference(x_adv, grad, x_adv, eps, alpha, "l2", 0.0, 1.0, active)
+    elif layout == "grad aliases x_adv":
+        target, grad = x_adv.clone(), None
+        want = _reference(x_adv, x_adv, x_nat, eps, alpha, "l2", 0.0, 1.0, active)
+    elif layout == "strided grad":
+        grad = grad.transpose(1, 2).contiguous().transpose(1, 2)
+    pgd_step_(target, target if grad is None else grad, target if x_nat is None else x_nat,
+              eps, alpha, "l2", active=active, backend="auto")
+    assert torch.equal(target, want)
+    assert direct == (["cpu"] if layout in ("contiguous", "strided grad") else [])
+
+
 def test_requires_grad_leaf_is_updated_without_autograd_error():
     x_adv, grad, x_nat, eps, alpha, _ = _case((4, 10), "linf", with_active=False)
     leaf = x_adv.clone().requires_grad_(True)
