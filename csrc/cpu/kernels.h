@@ -29,8 +29,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forwar
     int64_t reduction, int64_t grad_mode, const std::optional<at::Tensor>& grad_out);
 
 // The common case of the CPU op (csrc/cpu/autograd.cpp): ce_forward's loss, with a C++
-// autograd node for the logits' gradient when they need one (index or probability targets
-// as ce_forward takes them; T and weight are constants to it).
+// autograd node for the logits' gradient when they need one (only theirs: the targets, T
+// and the weight are constants to it).
 at::Tensor ce_loss(const at::Tensor& x, const at::Tensor& target, const at::Tensor& inv_t,
                    const std::optional<at::Tensor>& weight, int64_t ignore_index,
                    double label_smoothing, int64_t reduction);
