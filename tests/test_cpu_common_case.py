@@ -118,6 +118,15 @@ def test_every_other_call_takes_the_general_path(why, monkeypatch):
     assert calls, f"{why}: the general path did not run"
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_jit_trace_is_refused_not_silently_constant(backend):
+    """A trace records neither a kernel called through its module nor the checks' host
+    reads: it used to replay the traced input's loss for every later input."""
+    x, y, _ = _case(torch.float32)
+    with pytest.raises(RuntimeError, match="cannot be traced with torch.jit.trace"):
+        torch.jit.trace(lambda x: tempsoft.cross_entropy(x, y, 2.0, backend=backend), x)
+
+
 def test_the_backend_named_by_the_environment_is_honoured(monkeypatch):
     x, y, _ = _case(torch.float32)
     monkeypatch.setenv("TEMPSOFT_BACKEND", "torch")

@@ -213,6 +213,23 @@ def test_torch_compile_inductor_fullgraph():
     torch.testing.assert_close(loss, ref)
 
 
+def test_torch_export_replays_the_op_on_new_inputs():
+    """torch.export traces the custom op, so the exported program computes the loss of the
+    inputs it is given (torch.jit.trace is refused: tests/test_cpu_common_case.py)."""
+    backend = "cpu" if "cpu" in BACKENDS else "torch"
+
+    class Loss(torch.nn.Module):
+        def forward(self, x, y):
+            return tempsoft.cross_entropy(x, y, 2.0, reduction="none", backend=backend)
+
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(6, 7, generator=g), torch.randint(0, 7, (6,), generator=g)
+    program = torch.export.export(Loss(), (x, y))
+    x2, y2 = torch.randn(6, 7, generator=g), torch.randint(0, 7, (6,), generator=g)
+    torch.testing.assert_close(program.module()(x2, y2),
+                               F.cross_entropy(x2 / 2.0, y2, reduction="none"))
+
+
 def test_autocast_gives_float32_like_torch():
     x = torch.randn(4, 9, dtype=torch.bfloat16, requires_grad=True)
     y = torch.randint(0, 9, (4,))

@@ -451,6 +451,12 @@ def cross_entropy(
         return _dispatch.cpu_module().ce_loss(  # eager, CPU: the constant cache serves
             input, target, _cached_constant(1.0 / T, input.dtype, input.device), weight,
             ignore_index, float(label_smoothing), _REDUCTIONS[reduction])
+    if torch.jit.is_tracing():
+        # A trace would record neither the kernels called straight through their modules
+        # nor the checks' host reads: it would replay the traced input's loss as a constant.
+        raise RuntimeError(
+            "tempsoft.cross_entropy cannot be traced with torch.jit.trace (its kernels run "
+            "outside the ops a trace records); use torch.compile or torch.export instead")
     red = _check_reduction(reduction)
     input, target = _autocast_inputs(input, target, weight)
     x2d, t_rows, out_shape = _to_rows(input, target, ignore_index, label_smoothing)
@@ -512,7 +518,8 @@ def _cpu_common_case(input, target, T, weight, ignore_index, reduction, label_sm
             or weight.dtype is not input.dtype or not weight.is_cpu or weight.dim() != 1
             or weight.shape[0] != input.shape[1] or not weight.is_contiguous()):
         return False
-    if 1.0 / T > _ACC_MAX[input.dtype] or torch.compiler.is_compiling():
+    if (1.0 / T > _ACC_MAX[input.dtype] or torch.compiler.is_compiling()
+            or torch.jit.is_tracing()):
         return False
     return _dispatch.runs_cpu_kernels(backend)
 
