@@ -60,6 +60,25 @@ def parse_case(text: str) -> tuple[str, int, int, int]:
     return kernel, int(n), int(v), int(threads or 1)
 
 
+def time_builds(builds: dict, run, inputs: list, numel: int, threads: int, rounds: int,
+                calls: int) -> dict:
+    """Median ms per call of run(module, *inputs[i]) for each build, the calls rotating
+    through the input sets, and of a copy_ of `numel` fp32 values through as many sets."""
+    def step(module):
+        state = {"i": 0}
+
+        def call():
+            run(module, *inputs[state["i"] % len(inputs)])
+            state["i"] += 1
+
+        return call
+
+    fns = {label: step(module) for label, module in builds.items()}
+    fns["copy"] = copy_fn(numel, torch.float32, "cpu", sets=len(inputs))
+    return bench_many(fns, repeats=rounds * calls, warmup=2, rounds=rounds,
+                      clock="cpu" if threads == 1 else "wall")
+
+
 def time_case(builds: dict, n: int, v: int, threads: int, rounds: int, calls: int) -> dict:
     """Median ms per call of each build's ce_rows and of a copy_ of the same bytes."""
     torch.set_num_threads(threads)
@@ -69,20 +88,10 @@ def time_case(builds: dict, n: int, v: int, threads: int, rounds: int, calls: in
     y = torch.randint(0, v, (n,), generator=gen)
     inv_t, scale = torch.full((1,), 2.0), torch.full((1,), 1.0 / n)
 
-    def step(module):
-        state = {"i": 0}
+    def run(module, x, grad):
+        module.ce_rows(x, y, inv_t, None, -100, 0.0, scale, GRAD_FULL, grad)
 
-        def call():
-            x, grad = pairs[state["i"] % sets]
-            state["i"] += 1
-            module.ce_rows(x, y, inv_t, None, -100, 0.0, scale, GRAD_FULL, grad)
-
-        return call
-
-    fns = {label: step(module) for label, module in builds.items()}
-    fns["copy"] = copy_fn(n * v, torch.float32, "cpu", sets=sets)
-    return bench_many(fns, repeats=rounds * calls, warmup=2, rounds=rounds,
-                      clock="cpu" if threads == 1 else "wall")
+    return time_builds(builds, run, pairs, n * v, threads, rounds, calls)
 
 
 def time_pgd_case(builds: dict, norm: str, b: int, n: int, threads: int, rounds: int,
@@ -104,20 +113,10 @@ def time_pgd_case(builds: dict, norm: str, b: int, n: int, threads: int, rounds:
         data.append((x_adv, torch.randn(b, n, generator=gen), x_nat))
     e, a = torch.full((b,), eps), torch.full((b,), alpha)
 
-    def step(module):
-        state = {"i": 0}
+    def run(module, x_adv, grad, x_nat):
+        module.pgd_step_(x_adv, grad, x_nat, e, a, None, code, 0.0, 1.0)
 
-        def call():
-            x_adv, grad, x_nat = data[state["i"] % sets]
-            state["i"] += 1
-            module.pgd_step_(x_adv, grad, x_nat, e, a, None, code, 0.0, 1.0)
-
-        return call
-
-    fns = {label: step(module) for label, module in builds.items()}
-    fns["copy"] = copy_fn(b * n, torch.float32, "cpu", sets=sets)
-    return bench_many(fns, repeats=rounds * calls, warmup=2, rounds=rounds,
-                      clock="cpu" if threads == 1 else "wall")
+    return time_builds(builds, run, data, b * n, threads, rounds, calls)
 
 
 def main(argv=None) -> int:

@@ -256,6 +256,7 @@ def backends() -> dict[str, tuple[bool, str]]:
 
 
 _warned_fallback = False
+BACKEND_ENV = "TEMPSOFT_BACKEND"  # overrides "auto" (resolve, runs_cpu_kernels)
 
 
 def resolve(backend: str, device: torch.device) -> str:
@@ -266,10 +267,10 @@ def resolve(backend: str, device: torch.device) -> str:
     if backend not in _CHOICES:
         raise ValueError(f"backend must be one of {_CHOICES}, got {backend!r}")
     if backend == "auto":
-        env = os.environ.get("TEMPSOFT_BACKEND", "").strip()
+        env = os.environ.get(BACKEND_ENV, "").strip()
         if env and env != "auto":
             if env not in BACKENDS:
-                raise ValueError(f"TEMPSOFT_BACKEND must be one of {_CHOICES}, got {env!r}")
+                raise ValueError(f"{BACKEND_ENV} must be one of {_CHOICES}, got {env!r}")
             backend = env
     if backend == "auto":
         order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
@@ -302,7 +303,7 @@ def runs_cpu_kernels(backend: str) -> bool:
     and resolve() on the general path then says what it has to.
     """
     if backend == "auto":
-        env = os.environ.get("TEMPSOFT_BACKEND")
+        env = os.environ.get(BACKEND_ENV)
         if env and env.strip() not in ("", "auto", "cpu"):
             return False
     elif backend != "cpu":

@@ -24,8 +24,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr int64_t kReductionNone = 0;  // tempsoft/ops/cross_entropy.py, _REDUCTIONS
-
 struct CrossEntropyCpu : public torch::autograd::Function<CrossEntropyCpu> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& target,
                             const at::Tensor& inv_t, const std::optional<at::Tensor>& weight,
@@ -35,7 +33,6 @@ struct CrossEntropyCpu : public torch::autograd::Function<CrossEntropyCpu> {
                    kGradFull, std::nullopt);
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({grad});
-    ctx->saved_data["none"] = reduction == kReductionNone;
     return loss;
   }
 
@@ -49,7 +46,7 @@ struct CrossEntropyCpu : public torch::autograd::Function<CrossEntropyCpu> {
     at::Tensor dx;
     if (g.defined()) {
       const at::Tensor grad = ctx->get_saved_variables()[0];
-      if (ctx->saved_data["none"].toBool()) {
+      if (g.dim() == 1) {  // reduction "none": one grad_output per row (else a 0-d one)
         dx = grad * g.to(grad.scalar_type()).unsqueeze(1);
       } else if (g.item<double>() == 1.0) {
         dx = grad;  // never modified, so every backward of a retained graph sees it whole
@@ -69,12 +66,12 @@ at::Tensor ce_loss(const at::Tensor& x, const at::Tensor& target, const at::Tens
                    const std::optional<at::Tensor>& weight, int64_t ignore_index,
                    double label_smoothing, int64_t reduction) {
   // Outside the node, so that a copy made here is part of the graph (as in Python).
-  const at::Tensor xc = x.contiguous(), tc = target.contiguous();
+  const at::Tensor xc = x.contiguous();
   if (at::GradMode::is_enabled() && xc.requires_grad()) {
-    return CrossEntropyCpu::apply(xc, tc, inv_t, weight, ignore_index, label_smoothing,
+    return CrossEntropyCpu::apply(xc, target, inv_t, weight, ignore_index, label_smoothing,
                                   reduction);
   }
-  return std::get<0>(ce_forward(xc, tc, inv_t, weight, ignore_index, label_smoothing,
+  return std::get<0>(ce_forward(xc, target, inv_t, weight, ignore_index, label_smoothing,
                                 reduction, kGradNone, std::nullopt));
 }
 
