@@ -151,7 +151,11 @@ def _extensions_and_cmdclass():
     levels = _cpu_levels()
     openmp = _torch_uses_openmp(torch) and sys.platform != "win32"
     # -g0 overrides the -g that Python adds: 0.4 MB instead of 15 MB of .so, faster to build.
-    cxx = ["-O3", "-g0", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas",
+    # -ffp-contract=off: the kernels write every multiply-add they want fused as an explicit
+    # fmadd; left to GCC's default, `a * b + c` was fused in some template instantiations and
+    # not in others, so the same row's fp64 loss differed in its last bit between grad modes.
+    cxx = ["-O3", "-g0", "-fno-math-errno", "-ffp-contract=off", "-Wall",
+           "-Wno-unknown-pragmas",
            # GCC 12 reports its own AVX-512 intrinsics (`__m512 __Y = __Y;`) as uninitialized.
            "-Wno-maybe-uninitialized", "-Wno-uninitialized"]
     cuda_home = getattr(cpp_extension, "CUDA_HOME", None)

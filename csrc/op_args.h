@@ -16,6 +16,9 @@ enum GradMode : int64_t {
   kGradNone = 0,  // loss and lse
   kGradFull = 1,  // and zdot and the gradient
   kGradZdot = 2,  // and zdot, without the (rows, classes) gradient
+  // Not a value of the contract (check_grad_mode refuses it): the CPU kernel's mode for
+  // callers whose T needs no gradient (cpu::ce_forward_no_zdot), the gradient without zdot.
+  kGradNoZdot = 3,
 };
 
 inline void check_grad_mode(int64_t mode) {

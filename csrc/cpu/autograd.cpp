@@ -7,7 +7,7 @@
 // fused kernel of a small batch, and after a large batch (whose 32 MB stream evicted the
 // caches) they ran at a fraction of their warm speed: the whole path is C++ here, backward
 // included. The formula is the Python path's, for this case:
-//   forward:  ce_forward(..., grad_mode full): the loss, and the gradient with the
+//   forward:  ce_forward_no_zdot (T is a constant here): the loss, and the gradient with the
 //             reduction's 1/denominator folded in, saved;
 //   backward: the saved gradient itself for a grad_output of 1 (a reduced loss), else the
 //             saved gradient times grad_output (per row for reduction "none").
@@ -29,8 +29,7 @@ struct CrossEntropyCpu : public torch::autograd::Function<CrossEntropyCpu> {
                             const at::Tensor& inv_t, const std::optional<at::Tensor>& weight,
                             int64_t ignore_index, double label_smoothing, int64_t reduction) {
     auto [loss, lse, grad, zdot, scale] =
-        ce_forward(x, target, inv_t, weight, ignore_index, label_smoothing, reduction,
-                   kGradFull, std::nullopt);
+        ce_forward_no_zdot(x, target, inv_t, weight, ignore_index, label_smoothing, reduction);
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({grad});
     return loss;

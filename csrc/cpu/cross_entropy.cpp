@@ -89,37 +89,92 @@ int64_t grain_rows(int64_t cols) {
 // ------------------------------------------------------------------------------------
 // Small vector helpers
 // ------------------------------------------------------------------------------------
-// exp for d <= 0 (d = -inf gives 0).  fp64: Sleef.  fp32: a polynomial, since the
-// exponential is most of the kernel's arithmetic.  Sleef's 1-ulp expf made the forward
-// pass 1.26x as long as ATen's exp_u20 (4096 x 1000, 1 thread); on AVX-512, the exp_nonpos
-// below is ~1.2x as fast again as exp_u20 (in a loop that only sums exponentials) and
-// more accurate (relative error <= 2.3e-7 where exp(d) is a normal float, d >= -87,
-// against std::exp in double; exp_u20's <= 3.8e-7).  For AVX2 the same polynomial with
-// the exponent built in integer bits (no vscalefps) was no faster than exp_u20.
+// The exponentials of a row, exp(d) with d = (x - m) t <= 0 (x = -inf gives 0), which are
+// most of the kernel's arithmetic.  fp64: Sleef.  fp32: Sleef's 1-ulp expf made the forward
+// pass 1.26x as long as ATen's exp_u20 (4096 x 1000, 1 thread); on AVX-512, RowExp<float>
+// below takes 13 vector operations per vector of logits, x - m included, where the
+// Cody-Waite e^d it replaced took 16 (512 x 1000, 1 thread: 0.199 -> 0.177 ms), and is more
+// accurate.  For AVX2 a polynomial with the exponent built in integer bits (no vscalefps)
+// was no faster than exp_u20.
+//
+// eval(x, u) returns exp(d) and sets u = d * kScale, made finite where x = -inf (there
+// exp(d) = 0, so e * u is 0, as the reference's where(dz == 0) in zdot's sum).
+// PerT: what depends on t alone, computed once for a run of rows with the same t (per()).
+template <typename acc_t>
+struct RowExp {
+  using Vec = Vectorized<acc_t>;
+  static constexpr double kScale = 1.0, kInvScale = 1.0;
+  struct PerT {
+    acc_t t;
+  };
+  static PerT per(acc_t t) { return {t}; }
+
+  RowExp(acc_t m, const PerT& c) : m_(m), t_(c.t) {}
+
+  Vec eval(const Vec& x, Vec& u) const {
+    const Vec d = (x - m_) * t_;
+    u = at::vec::clamp_min(d, Vec(std::numeric_limits<acc_t>::lowest()));
+    if constexpr (std::is_same_v<acc_t, float>) {
+      return d.exp_u20();
+    } else {
+      return d.exp();
+    }
+  }
+
+ private:
+  Vec m_, t_;
+};
+
 #if defined(CPU_CAPABILITY_AVX512)
-// Cody-Waite reduction d = n ln2 + r (|r| <= ln2 / 2; n ln2_hi is exact), the degree-6
-// Taylor polynomial of e^r (truncation error <= (ln2/2)^7 / 7! = 1.2e-7), and 2^n applied
-// by vscalefps, which rounds into the subnormals and underflows to 0 as exp does.  Below
-// d = -104 exp(d) rounds to 0 anyway; the clamp keeps -inf (0 * inf = NaN) out of r.
-inline Vectorized<float> exp_nonpos(const Vectorized<float>& dv) {
-  const __m512 d = _mm512_max_ps(dv, _mm512_set1_ps(-104.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(d, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), d);      // ln2_hi
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);       // ln2_lo
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-#else
-inline Vectorized<float> exp_nonpos(const Vectorized<float>& d) { return d.exp_u20(); }
+// exp(d) = 2^u with u = (x - m) t log2(e), t log2(e) held as hi + lo (float each, their sum
+// exact to ~2^-48): n = round((x - m) hi), r = (x - m) hi - n + (x - m) lo by two fmas, so
+// that r carries the rounding of x - m alone (d itself is never rounded), a degree-5
+// minimax polynomial of 2^r on [-1/2, 1/2], and 2^n by vscalefps, which rounds into the
+// subnormals and underflows to 0 as exp does.  Relative error <= 1.8e-7 where exp(d) is a
+// normal float (the polynomial <= 1.7e-7 in float arithmetic, against exp2 in double), plus
+// x - m's rounding; the Cody-Waite e^d before 2026-11-30 had <= 2.3e-7 plus d's rounding
+// (exp_u20: <= 3.8e-7).  x - m is clamped at u = -160 (2^-160 rounds to 0), which keeps
+// -inf (-inf - -inf = NaN) out of r and makes u finite.
+template <>
+struct RowExp<float> {
+  using Vec = Vectorized<float>;
+  static constexpr double kScale = 1.4426950408889634;     // log2(e)
+  static constexpr double kInvScale = 0.69314718055994531;  // ln(2)
+
+  struct PerT {
+    float hi, lo, floor;
+  };
+  static PerT per(float t) {
+    const double tl = double(t) * kScale;
+    const float hi = float(tl), lo = float(tl - double(hi));
+    const float floor = -160.0f / hi;  // t > 0 (checked); a subnormal t gives -inf
+    return {hi, lo, std::isfinite(floor) ? floor : std::numeric_limits<float>::lowest()};
+  }
+
+  RowExp(float m, const PerT& c)
+      : m_(_mm512_set1_ps(m)), hi_(_mm512_set1_ps(c.hi)), lo_(_mm512_set1_ps(c.lo)),
+        floor_(_mm512_set1_ps(c.floor)) {}
+
+  Vec eval(const Vec& x, Vec& u) const {
+    const __m512 xm = _mm512_max_ps(_mm512_sub_ps(x, m_), floor_);
+    const __m512 uu = _mm512_mul_ps(xm, hi_);
+    const __m512 n = _mm512_roundscale_ps(uu, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fmsub_ps(xm, hi_, n);
+    r = _mm512_fmadd_ps(xm, lo_, r);
+    __m512 p = _mm512_set1_ps(0x1.5bba14p-10f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.3cea88p-7f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.c6b752p-5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.ebf9bcp-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.62e42ap-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    u = uu;
+    return _mm512_scalef_ps(p, n);
+  }
+
+ private:
+  __m512 m_, hi_, lo_, floor_;
+};
 #endif
-inline Vectorized<double> exp_nonpos(const Vectorized<double>& d) { return d.exp(); }
 
 template <typename T>
 inline T nan_max(T a, T b) {
@@ -228,6 +283,10 @@ enum class Terms {
   kProb,      // probability target:           a_c = w_c q'_c,  q'_c = (1-eps) q_c + eps/C
 };
 
+// The modes (op_args.h) that write the (rows, classes) gradient, and those that sum zdot.
+bool writes_grad(int64_t mode) { return mode == kGradFull || mode == kGradNoZdot; }
+bool has_zdot(int64_t mode) { return mode == kGradFull || mode == kGradZdot; }
+
 template <typename acc_t>
 struct Params {
   int64_t C;
@@ -238,8 +297,9 @@ struct Params {
   const acc_t* w;       // (C,) weights; ones when the caller passed none
   int64_t ignore_index;
   bool prob;            // probability targets
-  bool zdot;            // grad_mode != none: zdot (sed in pass 1); the gradient is written
+  bool grad;            // grad_mode != none: pass 2's machinery; the gradient is written
                         // where the row's gradient pointer is not null
+  bool zdot;            // grad_mode full or zdot: zdot (sed in pass 1)
   bool stream;          // one-block rows write their gradient with streaming stores
 };
 
@@ -318,13 +378,20 @@ struct Sums {
 // that the next row streams in while this one computes.  (4096 x 1000 fp32, two threads,
 // the output preallocated: 1.19-1.28 ms with the prefetch, 1.34-1.39 ms without; no change
 // in cache-resident runs with one thread.)
+// kGrad: the gradient or zdot follow (e may be set); zdot: sum sed too (with kGrad).  zdot
+// is a flag that the compiler hoists out of the loop: as a template parameter it doubled
+// the row code's instantiations and made rows of C = 10 12% slower.
 template <typename acc_t, bool kGrad, Terms kTerms>
 Sums pass1_block(const acc_t* x, const acc_t* w, const acc_t* q, int64_t n, acc_t h, acc_t t,
-                 acc_t one_m_eps, acc_t eps_c, acc_t* e, const char* pf, int64_t pf_size) {
+                 const RowExp<acc_t>& rexp_in, bool zdot, acc_t one_m_eps, acc_t eps_c,
+                 acc_t* e, const char* pf, int64_t pf_size) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  const Vec hv(h), tv(t), lowest(std::numeric_limits<acc_t>::lowest()), zero(0);
+  // A local copy: the stores to e could alias the caller's (float vectors), which would
+  // reload its members on every step.
+  const RowExp<acc_t> rexp = rexp_in;
+  const Vec hv(h), tv(t), zero(0);
   Vec s(0), sed(0), lin(0), asum(0);
 
   // Two sets of accumulators: two independent dependency chains through the exponential.
@@ -334,23 +401,23 @@ Sums pass1_block(const acc_t* x, const acc_t* w, const acc_t* q, int64_t n, acc_
 
   auto step = [&](int64_t i, int64_t count, Vec& s, Vec& sed, Vec& lin, Vec& asum) {
     // Padding lanes hold -inf, so their exp is 0 and they add nothing to s or sed.
-    const Vec d = (load_fill(x + i, count, ninf) - hv) * tv;
-    const Vec ex = exp_nonpos(d);
+    const Vec xv = load_fill(x + i, count, ninf);
+    Vec u;
+    const Vec ex = rexp.eval(xv, u);
     s += ex;
     if constexpr (kGrad) {
-      // d = -inf where x = -inf: exp 0 times a finite d, as the reference's where(dz == 0).
-      // (A plain max is enough here: d is never NaN on this path.)
-      sed += ex * at::vec::clamp_min(d, lowest);
+      if (zdot) sed = at::vec::fmadd(ex, u, sed);
       if (e != nullptr) ex.store(e + i, count);
     }
     if constexpr (kTerms != Terms::kNone) {
       Vec a = Vec::loadu(w + i, count);            // padding lanes: a = 0
       if constexpr (kTerms == Terms::kProb) {
-        a = a * (Vec::loadu(q + i, count) * Vec(one_m_eps) + Vec(eps_c));
+        a = a * at::vec::fmadd(Vec::loadu(q + i, count), Vec(one_m_eps), Vec(eps_c));
       }
       asum += a;
       // A -inf logit gives a * -inf (inf, or NaN for a = 0), as the reference's w * nlp.
-      lin += a * (count == V ? d : Vec::set(zero, d, count));
+      const Vec d = (xv - hv) * tv;
+      lin = at::vec::fmadd(a, count == V ? d : Vec::set(zero, d, count), lin);
     }
   };
   int64_t i = 0;
@@ -366,7 +433,7 @@ Sums pass1_block(const acc_t* x, const acc_t* w, const acc_t* q, int64_t n, acc_
 
   Sums out;
   out.s = hsum(s + s1);
-  if constexpr (kGrad) out.sed = hsum(sed + sed1);
+  if (kGrad && zdot) out.sed = hsum(sed + sed1) * RowExp<acc_t>::kInvScale;
   if constexpr (kTerms != Terms::kNone) {
     out.lin = hsum(lin + lin1);
     out.asum = hsum(asum + asum1);
@@ -416,12 +483,14 @@ inline acc_t minus_y_term(acc_t g, double gst, double g_y) {
 // not read back). The plain path's caller applies it after the store.
 // g may be x itself: each vector of x is loaded before the same vector of g is stored.
 template <typename acc_t, Terms kTerms, bool kFromX, bool kStream>
-void pass2_block(const acc_t* src, const acc_t* w, const acc_t* q, int64_t n, acc_t m, acc_t t,
-                 acc_t coef, acc_t k, acc_t one_m_eps, acc_t eps_c, int64_t y_local,
+void pass2_block(const acc_t* src, const acc_t* w, const acc_t* q, int64_t n,
+                 const RowExp<acc_t>& rexp_in, acc_t coef, acc_t k, acc_t one_m_eps,
+                 acc_t eps_c, int64_t y_local,
                  double gst, double g_y, acc_t* g) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  const Vec cv(coef), nkv(-k), mv(m), tv(t);
+  const Vec cv(coef), nkv(-k);
+  const RowExp<acc_t> rexp = rexp_in;  // a local copy, as in pass1_block
   // Every multiply-add is an explicit fmadd and nothing is left for the compiler to fuse:
   // it may fuse a written a * b + c in one inlined copy of this lambda and not in another,
   // and then a streamed row (aligned head, other vector boundaries) would differ in the
@@ -429,7 +498,8 @@ void pass2_block(const acc_t* src, const acc_t* w, const acc_t* q, int64_t n, ac
   auto value = [&](int64_t i, int64_t count) {
     Vec ex;
     if constexpr (kFromX) {
-      ex = exp_nonpos((Vec::loadu(src + i, count) - mv) * tv);
+      Vec unused;
+      ex = rexp.eval(Vec::loadu(src + i, count), unused);
     } else {
       ex = Vec::loadu(src + i, count);
     }
@@ -498,7 +568,7 @@ class RowKernel {
   template <Terms kTerms>
   RowOut dispatch(const scalar_t* x, const scalar_t* q, int64_t y, acc_t t, acc_t gscale,
                   scalar_t* g, bool ignored) {
-    if (p_.zdot && !ignored) {
+    if (p_.grad && !ignored) {
       // Streaming is its own instantiation: a run-time choice inside the row's code made
       // rows of C = 10-100 8-19% slower (1 thread), streaming or not.
       if (kCanStream && std::is_same_v<scalar_t, acc_t> && p_.stream && keeps_exp(p_.C)) {
@@ -510,6 +580,7 @@ class RowKernel {
   }
 
   // Inlined into the row loop: as a call it cost ~8 ns a row at C = 10 (1 thread).
+  // kGrad: zdot or the gradient (pass 2's machinery; zdot where p_.zdot).
   // kStream: pass 2 stores the gradient with streaming stores (one-block fp32 / fp64 rows).
   template <bool kGrad, Terms kTerms, bool kStream = false>
   C10_ALWAYS_INLINE RowOut finite_row(const scalar_t* x, const scalar_t* q, int64_t y,
@@ -533,6 +604,11 @@ class RowKernel {
 
     // ---- 1. sums relative to m, block by block ---------------------------------------
     const ExpStore store = kGrad ? exp_store(g) : ExpStore::kNone;
+    if (t != per_t_of_) {  // rows mostly share one t: its constants once (a division)
+      per_t_ = RowExp<acc_t>::per(t);
+      per_t_of_ = t;
+    }
+    const RowExp<acc_t> rexp(m, per_t_);
     Sums sums;
     for (int64_t c0 = 0; c0 < C; c0 += B) {
       const int64_t n = std::min(B, C - c0);
@@ -546,8 +622,9 @@ class RowKernel {
         if constexpr (std::is_same_v<scalar_t, acc_t>) eb = g + c0;
       }
       const auto* pf = next_ != nullptr ? reinterpret_cast<const char*>(next_ + c0) : nullptr;
-      sums.add(pass1_block<acc_t, kGrad, kTerms>(xb, p_.w + c0, qb, n, m, t, p_.one_m_eps,
-                                                 p_.eps_c, eb, pf, sizeof(scalar_t)));
+      sums.add(pass1_block<acc_t, kGrad, kTerms>(xb, p_.w + c0, qb, n, m, t, rexp, p_.zdot,
+                                                 p_.one_m_eps, p_.eps_c, eb, pf,
+                                                 sizeof(scalar_t)));
     }
 
     const double log_s = std::log(sums.s);
@@ -592,7 +669,7 @@ class RowKernel {
     // zdot = sum_c dloss/dz_c d_c, with dloss/dz_c = p_c A - (the p-free part):
     //      = A sed / s - [(1-eps) w_y d_y + eps/C sum w d]   (index)
     //      = S sed / s - sum w q' d                          (prob)
-    out.zdot = A * sums.sed / sums.s - zdot_rest;
+    if (p_.zdot) out.zdot = A * sums.sed / sums.s - zdot_rest;
     if (g == nullptr) return out;  // grad_mode zdot: no gradient to write
 
     // ---- 2. gradient ------------------------------------------------------------------
@@ -616,19 +693,19 @@ class RowKernel {
         // dispatch chose this only for one-block rows (exponentials in the scratch row)
         // whose gradient is the destination itself (not a half-precision staging row).
         const int64_t y_local = y_fix >= c0 && y_fix < c0 + n ? y_fix - c0 : -1;
-        pass2_block<acc_t, kTerms, false, true>(sc_.e.data() + c0, p_.w + c0, qb, n, m, t,
+        pass2_block<acc_t, kTerms, false, true>(sc_.e.data() + c0, p_.w + c0, qb, n, rexp,
                                                 coef, k, p_.one_m_eps, p_.eps_c, y_local,
                                                 gst, double(g_y_fix), gb);
       } else {
         if (store == ExpStore::kScratch) {
-          pass2_block<acc_t, kTerms, false, false>(sc_.e.data() + c0, p_.w + c0, qb, n, m, t,
+          pass2_block<acc_t, kTerms, false, false>(sc_.e.data() + c0, p_.w + c0, qb, n, rexp,
                                                    coef, k, p_.one_m_eps, p_.eps_c, -1, 0, 0, gb);
         } else if (store == ExpStore::kGradRow) {
-          pass2_block<acc_t, kTerms, false, false>(gb, p_.w + c0, qb, n, m, t, coef, k,
+          pass2_block<acc_t, kTerms, false, false>(gb, p_.w + c0, qb, n, rexp, coef, k,
                                                    p_.one_m_eps, p_.eps_c, -1, 0, 0, gb);
         } else {
           pass2_block<acc_t, kTerms, true, false>(as_acc(x + c0, n, sc_.xs), p_.w + c0, qb,
-                                                  n, m, t, coef, k, p_.one_m_eps, p_.eps_c,
+                                                  n, rexp, coef, k, p_.one_m_eps, p_.eps_c,
                                                   -1, 0, 0, gb);
         }
         if (y_fix >= c0 && y_fix < c0 + n) {
@@ -688,7 +765,7 @@ class RowKernel {
       out.loss = loss;
       A = c_y + p_.eps_c * acc_t(p_.W);
     }
-    if (!p_.zdot) return out;
+    if (!p_.grad) return out;
 
     const acc_t gst = gscale * t;
     acc_t zdot = 0;
@@ -712,6 +789,8 @@ class RowKernel {
   const Params<acc_t>& p_;
   Scratch<acc_t>& sc_;
   const scalar_t* next_ = nullptr;  // run()'s next
+  acc_t per_t_of_ = std::numeric_limits<acc_t>::quiet_NaN();  // the t of per_t_ (NaN: none)
+  typename RowExp<acc_t>::PerT per_t_{};
 };
 
 // ------------------------------------------------------------------------------------
@@ -760,8 +839,9 @@ void ce_rows_impl(const at::Tensor& x, const at::Tensor& target, const at::Tenso
   p.one_m_eps = acc_t(1.0 - label_smoothing);
   p.ignore_index = ignore_index;
   p.prob = target.is_floating_point();
-  p.zdot = grad_mode != kGradNone;
-  const bool write = grad_mode == kGradFull;
+  p.grad = grad_mode != kGradNone;
+  p.zdot = has_zdot(grad_mode);
+  const bool write = writes_grad(grad_mode);
   p.stream = write && M * C * int64_t(sizeof(scalar_t)) >= kConfig.stream_min_bytes;
   p.w = weight.data_ptr<acc_t>();
   double W = 0;
@@ -811,7 +891,6 @@ CeCall check_ce_args(const at::Tensor& x, const at::Tensor& target, const at::Te
                      const std::optional<at::Tensor>& weight, int64_t ignore_index,
                      double label_smoothing, int64_t grad_mode,
                      const std::optional<at::Tensor>& grad_out) {
-  check_grad_mode(grad_mode);
   TORCH_CHECK(x.device().is_cpu(), "ce_rows (CPU): x must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 2, "ce_rows: x must be 2-D (rows, classes), got shape ", x.sizes());
   const auto dt = x.scalar_type();
@@ -857,7 +936,7 @@ CeCall check_ce_args(const at::Tensor& x, const at::Tensor& target, const at::Te
                                      w && !f32 ? call.weight.data_ptr<double>() : nullptr);
   }
   if (!call.weight.defined()) call.weight = at::ones({C}, x.options().dtype(call.acc));
-  if (grad_mode == kGradFull && grad_out.has_value() && grad_out->defined()) {
+  if (writes_grad(grad_mode) && grad_out.has_value() && grad_out->defined()) {
     TORCH_CHECK(grad_out->device().is_cpu(), "ce_rows: grad_out must be a CPU tensor, got ",
                 grad_out->device());
     TORCH_CHECK(grad_out->sizes() == x.sizes(), "ce_rows: grad_out must have the shape of x ",
@@ -877,10 +956,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_ce(
     const at::Tensor& grad_scale, int64_t grad_mode) {
   const int64_t M = x.size(0), C = x.size(1);
   check_row_vector(grad_scale, "grad_scale", M, call.acc);
-  const bool write = grad_mode == kGradFull;
+  const bool write = writes_grad(grad_mode);
   const auto acc_opts = x.options().dtype(call.acc);
   at::Tensor loss = at::empty({M}, acc_opts), lse = at::empty({M}, acc_opts);
-  at::Tensor zdot = at::empty({grad_mode != kGradNone ? M : 0}, acc_opts);
+  at::Tensor zdot = at::empty({has_zdot(grad_mode) ? M : 0}, acc_opts);
   at::Tensor grad = write && !call.grad_out ? cpu::empty_grad({M, C}, x.scalar_type())
                                             : at::empty({0}, x.options());
   at::Tensor grad_target = call.grad_out ? *call.grad_out : grad;
@@ -897,18 +976,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_ce(
 // The reductions of tempsoft/ops/cross_entropy.py (_REDUCTIONS).
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu::ce_rows(
-    const at::Tensor& x, const at::Tensor& target, const at::Tensor& inv_t,
-    const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
-    const at::Tensor& grad_scale, int64_t grad_mode, const std::optional<at::Tensor>& grad_out) {
-  const CeCall call = check_ce_args(x, target, inv_t, weight, ignore_index, label_smoothing,
-                                    grad_mode, grad_out);
-  return run_ce(x, call, ignore_index, label_smoothing, grad_scale, grad_mode);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu::ce_forward(
+// ce_forward for any mode of GradMode, kGradNoZdot included.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& x, const at::Tensor& target, const at::Tensor& inv_t,
     const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
     int64_t reduction, int64_t grad_mode, const std::optional<at::Tensor>& grad_out) {
@@ -936,6 +1005,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu::ce_f
   });
   const double value = reduction == kSum ? total : total / denom;
   return {at::scalar_tensor(value, acc_opts), lse, grad, zdot, scale_t};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu::ce_rows(
+    const at::Tensor& x, const at::Tensor& target, const at::Tensor& inv_t,
+    const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
+    const at::Tensor& grad_scale, int64_t grad_mode, const std::optional<at::Tensor>& grad_out) {
+  check_grad_mode(grad_mode);
+  const CeCall call = check_ce_args(x, target, inv_t, weight, ignore_index, label_smoothing,
+                                    grad_mode, grad_out);
+  return run_ce(x, call, ignore_index, label_smoothing, grad_scale, grad_mode);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu::ce_forward(
+    const at::Tensor& x, const at::Tensor& target, const at::Tensor& inv_t,
+    const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
+    int64_t reduction, int64_t grad_mode, const std::optional<at::Tensor>& grad_out) {
+  check_grad_mode(grad_mode);
+  return forward(x, target, inv_t, weight, ignore_index, label_smoothing, reduction,
+                 grad_mode, grad_out);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu::ce_forward_no_zdot(
+    const at::Tensor& x, const at::Tensor& target, const at::Tensor& inv_t,
+    const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
+    int64_t reduction) {
+  return forward(x, target, inv_t, weight, ignore_index, label_smoothing, reduction,
+                 kGradNoZdot, std::nullopt);
 }
 
 }  // namespace tempsoft

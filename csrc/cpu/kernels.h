@@ -28,6 +28,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forwar
     const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
     int64_t reduction, int64_t grad_mode, const std::optional<at::Tensor>& grad_out);
 
+// ce_forward(..., grad_mode full) without zdot (returned empty), for callers whose T needs no
+// gradient: the kernel then skips zdot's sum, ~6% of its arithmetic at C = 1000 (fp32).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_no_zdot(
+    const at::Tensor& x, const at::Tensor& target, const at::Tensor& inv_t,
+    const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
+    int64_t reduction);
+
 // The common case of the CPU op (csrc/cpu/autograd.cpp): ce_forward's loss, with a C++
 // autograd node for the logits' gradient when they need one (only theirs: the targets, T
 // and the weight are constants to it).

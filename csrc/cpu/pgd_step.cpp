@@ -31,8 +31,9 @@ using at::vec::Vectorized;
 constexpr int64_t kGrainElements = 1 << 15;
 
 // The reference rounds a product before adding it. With -ffp-contract=fast (GCC's default for
-// C++) and FMA available, the compiler may fuse `a + b * c` into one FMA and change the last
-// bit; an empty asm that "may modify" the product forbids that fusion. On x86 the value stays
+// C++; setup.py turns it off, a build with other flags may not) and FMA available, the
+// compiler may fuse `a + b * c` into one FMA and change the last bit; an empty asm that "may
+// modify" the product forbids that fusion. On x86 the value stays
 // in its register; elsewhere it takes a trip through memory.
 #if (defined(__GNUC__) || defined(__clang__)) && defined(CPU_CAPABILITY_AVX512)
 inline Vectorized<float> rounded(Vectorized<float> v) {
@@ -116,8 +117,9 @@ inline std::pair<VD, VD> to_double(VF v) {
 
 // Sum of squares in fp64, fed one vector at a time (lanes past the end of a row are loaded
 // as zeros and add nothing). Each lane accumulates separately and the lanes are summed in
-// a fixed order at the end, so the result depends only on the row, never on threads. For
-// fp32 data every square is exact in fp64, so an FMA in `acc + a * a` changes nothing.
+// a fixed order at the end, so the result depends only on the row, never on threads. Each
+// term is one explicit FMA (for fp32 data every square is exact in fp64, so the FMA changes
+// nothing there; for fp64 data it rounds once per term).
 template <typename T>
 struct SumSq;
 
@@ -126,8 +128,8 @@ struct SumSq<float> {
   VD acc0 = VD(0.0), acc1 = VD(0.0);
   inline void add(VF v) {
     const auto [lo, hi] = to_double(v);
-    acc0 = acc0 + lo * lo;
-    acc1 = acc1 + hi * hi;
+    acc0 = at::vec::fmadd(lo, lo, acc0);
+    acc1 = at::vec::fmadd(hi, hi, acc1);
   }
   double total() const { return lane_sum(acc0 + acc1); }
   static double lane_sum(VD v) {
@@ -142,7 +144,7 @@ struct SumSq<float> {
 template <>
 struct SumSq<double> {
   VD acc = VD(0.0);
-  inline void add(VD v) { acc = acc + v * v; }
+  inline void add(VD v) { acc = at::vec::fmadd(v, v, acc); }
   double total() const { return SumSq<float>::lane_sum(acc); }
 };
 
