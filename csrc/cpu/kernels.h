@@ -29,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forwar
     int64_t reduction, int64_t grad_mode, const std::optional<at::Tensor>& grad_out);
 
 // ce_forward(..., grad_mode full) without zdot (returned empty), for callers whose T needs no
-// gradient: the kernel then skips zdot's sum, ~6% of its arithmetic at C = 1000 (fp32).
+// gradient: the kernel then skips zdot's sum, 4% of its time at C = 1000 and 32000 (fp32).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_no_zdot(
     const at::Tensor& x, const at::Tensor& target, const at::Tensor& inv_t,
     const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,

@@ -33,8 +33,8 @@ constexpr int64_t kGrainElements = 1 << 15;
 // The reference rounds a product before adding it. With -ffp-contract=fast (GCC's default for
 // C++; setup.py turns it off, a build with other flags may not) and FMA available, the
 // compiler may fuse `a + b * c` into one FMA and change the last bit; an empty asm that "may
-// modify" the product forbids that fusion. On x86 the value stays
-// in its register; elsewhere it takes a trip through memory.
+// modify" the product forbids that fusion. On x86 the value stays in its register;
+// elsewhere it takes a trip through memory.
 #if (defined(__GNUC__) || defined(__clang__)) && defined(CPU_CAPABILITY_AVX512)
 inline Vectorized<float> rounded(Vectorized<float> v) {
   __m512 r = v;
