@@ -181,6 +181,22 @@ inline T nan_max(T a, T b) {
   return (std::isnan(a) || a > b) ? a : b;
 }
 
+#if defined(CPU_CAPABILITY_AVX2)
+// hsum's and hmax_finite's tree on AVX2, in registers: op over lanes i and i + 4 (i + 2 for
+// double), then i + 2, then i + 1; the result is in lane 0.
+template <typename Op>
+inline float lane_tree(const __m256 x, Op op) {
+  __m128 m = op(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  m = op(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(op(m, _mm_shuffle_ps(m, m, 1)));
+}
+template <typename Op>
+inline double lane_tree(const __m256d x, Op op) {
+  const __m128d m = op(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
+  return _mm_cvtsd_f64(op(m, _mm_unpackhi_pd(m, m)));
+}
+#endif
+
 // Horizontal sum and NaN-propagating max of the lanes.  A row pays for a few of these, so
 // they are trees (shuffles where the level has them), not one dependent op per lane.
 template <typename acc_t>
@@ -189,17 +205,12 @@ double hsum(const Vectorized<acc_t>& v) {
   if constexpr (std::is_same_v<acc_t, float>) return _mm512_reduce_add_ps(v);
   if constexpr (std::is_same_v<acc_t, double>) return _mm512_reduce_add_pd(v);
 #elif defined(CPU_CAPABILITY_AVX2)
-  // The tree below, in registers: lanes i + 4, then i + 2, then i + 1.
+  // The tree below, in registers.
   if constexpr (std::is_same_v<acc_t, float>) {
-    const __m256 x = v;
-    __m128 m = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_add_ss(m, _mm_shuffle_ps(m, m, 1)));
+    return lane_tree(__m256(v), [](__m128 a, __m128 b) { return _mm_add_ps(a, b); });
   }
   if constexpr (std::is_same_v<acc_t, double>) {
-    const __m256d x = v;
-    const __m128d m = _mm_add_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
-    return _mm_cvtsd_f64(_mm_add_sd(m, _mm_unpackhi_pd(m, m)));
+    return lane_tree(__m256d(v), [](__m128d a, __m128d b) { return _mm_add_pd(a, b); });
   }
 #endif
   constexpr int64_t V = Vectorized<acc_t>::size();
@@ -232,15 +243,10 @@ acc_t hmax_finite(const Vectorized<acc_t>& v) {
   if constexpr (std::is_same_v<acc_t, double>) return _mm512_reduce_max_pd(v);
 #elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<acc_t, float>) {
-    const __m256 x = v;
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+    return lane_tree(__m256(v), [](__m128 a, __m128 b) { return _mm_max_ps(a, b); });
   }
   if constexpr (std::is_same_v<acc_t, double>) {
-    const __m256d x = v;
-    const __m128d m = _mm_max_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
-    return _mm_cvtsd_f64(_mm_max_sd(m, _mm_unpackhi_pd(m, m)));
+    return lane_tree(__m256d(v), [](__m128d a, __m128d b) { return _mm_max_pd(a, b); });
   }
 #endif
   return hmax(v);
