@@ -97,15 +97,16 @@ def assert_matches(got, want, dtype, compute_grad, *, grad_in=None):
     torch.testing.assert_close(grad.double(), want[2], rtol=gtol, atol=gtol * gmax)
 
 
-def run_kernel(x, tgt, inv_t, w, ignore_index, eps, gscale, mode):
+def run_kernel(x, tgt, inv_t, w, ignore_index, eps, gscale, mode, ops=OPS):
     """mode: "grad" (returned), "forward" (compute_grad False), "into_x" (grad_out = x, the
-    in-place backward), "into_buffer" (a separate grad_out).  Returns (outputs, grad_in)."""
+    in-place backward), "into_buffer" (a separate grad_out).  Returns (outputs, grad_in).
+    ops: where ce_rows comes from (the dispatched level, or one level's module)."""
     if mode == "forward":
-        return OPS.ce_rows(x, tgt, inv_t, w, ignore_index, eps, gscale, False, None), None
+        return ops.ce_rows(x, tgt, inv_t, w, ignore_index, eps, gscale, False, None), None
     if mode == "grad":
-        return OPS.ce_rows(x, tgt, inv_t, w, ignore_index, eps, gscale, True, None), None
+        return ops.ce_rows(x, tgt, inv_t, w, ignore_index, eps, gscale, True, None), None
     out = x if mode == "into_x" else torch.full_like(x, float("nan"))
-    return OPS.ce_rows(x, tgt, inv_t, w, ignore_index, eps, gscale, True, out), out
+    return ops.ce_rows(x, tgt, inv_t, w, ignore_index, eps, gscale, True, out), out
 
 
 # --------------------------------------------------------------------------------------
@@ -346,6 +347,68 @@ def test_wide_rows_in_place_with_non_finite_logits(dtype):
     assert bool((fresh[2][3, :2048] == 0).all()) and bool(torch.isfinite(fresh[0][3:]).all())
 
 
+@pytest.mark.parametrize("mode", ["grad", "forward", "into_x", "into_buffer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("level", _dispatch.loadable_cpu_levels())
+def test_one_block_rows_from_a_guessed_shift_match_the_reference(level, dtype, mode):
+    # One-block fp32 / fp64 rows of 256 columns or more start pass 1 from a guessed shift
+    # (the first vector's max or x_y) instead of reading the row's max first, and fall back
+    # to the max where the guess does not hold. Rows that test each way: non-finite logits
+    # past the first vector, a max far above the guess (the sum overflows), a max a few
+    # nats above it, x_y as the max, a first vector of -inf, an ignored row.
+    x, tgt, inv_t, _, gscale = make_case(12, 1000, dtype, per_row=True)
+    x[0, 999] = float("nan")
+    x[1, 500] = float("inf")
+    x[2] = float("-inf")
+    x[3, 40] = float("nan")
+    tgt[3] = IGNORE
+    x[4, :16] = -60.0
+    x[4, 700] = 60.0 / float(inv_t[4])        # 120 nats above the guess: exp overflows
+    tgt[4] = 0
+    x[5, 300] = x[5].max() + 3.0              # a few nats above the guess
+    x[6, int(tgt[6])] = x[6].max() + 1.0      # x_y is the max: the guess is exact
+    x[7, :16] = float("-inf")                 # no first-vector guess; x_y guesses
+    x[8, int(tgt[8]) + 1 if int(tgt[8]) < 999 else 0] = float("-inf")
+    want = reference.ce_rows(x.clone(), tgt, inv_t, None, IGNORE, 0.0, gscale, mode != "forward")
+    got, grad_in = run_kernel(x, tgt, inv_t, None, IGNORE, 0.0, gscale, mode,
+                              ops=_dispatch.cpu_level_module(level))
+    loss, lse, grad, zdot = got
+    names = ("loss", "lse") if mode == "forward" else ("loss", "lse", "grad", "zdot")
+    values = (loss, lse, grad if grad_in is None else grad_in, zdot)
+    for name, a, b in zip(names, values, want):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+    assert bool(torch.isfinite(loss[4:]).all()) and bool(torch.isnan(loss[:1]).all())
+
+
+@pytest.mark.parametrize("level", _dispatch.loadable_cpu_levels())
+def test_a_guessed_shift_never_makes_the_gradient_coefficient_subnormal(level):
+    # The guess (x_y = 0) lies 12 nats below the max, s = e^12 + 999 < 2^20, and
+    # grad_scale = 2^-121: with the guess the gradient's coefficient grad_scale / s would be
+    # a subnormal float (~2^-138: 11 bits, 1.8e-4 off here), while the gradient entries of
+    # the max and the target are normal floats that the max's shift computes as precisely
+    # as at grad_scale 1 (to the ~1e-6 of the fp32 sum s, 999 equal terms added to 1).
+    x = torch.zeros(1, 1000)
+    x[0, 500] = 12.0
+    tgt = torch.tensor([0])
+    one, scale = torch.ones(1), torch.full((1,), 2.0**-121)
+    ce_rows = _dispatch.cpu_level_module(level).ce_rows
+    grad = ce_rows(x, tgt, one, None, IGNORE, 0.0, scale, True, None)[2][0].double()
+    want = reference.ce_rows(x.double(), tgt, one.double(), None, IGNORE, 0.0, scale.double(),
+                             True)[2][0]
+    for c in (0, 500):
+        rel = abs(float(grad[c]) / float(want[c]) - 1)
+        assert rel < 1e-5, f"column {c}: relative error {rel:.3g}"
+
+
+def test_grad_out_partly_over_x_is_refused():
+    x = torch.randn(5, 7)
+    tgt = torch.zeros(4, dtype=torch.int64)
+    one = torch.ones(1)
+    with pytest.raises(RuntimeError, match="grad_out must be x itself or not overlap it"):
+        OPS.ce_rows(x[1:], tgt, one, None, IGNORE, 0.0, one, True, x[:-1])
+
+
 @pytest.mark.parametrize("inv_t", [1.0, 1 / 0.7, 1 / 3.0, 10.0])
 def test_probabilities_keep_their_relative_accuracy_down_to_the_smallest_normal(inv_t):
     # Logits x from -100 * T up to 0 in one row (shifted, scaled logits d from -100 to 0):
@@ -370,12 +433,16 @@ def test_probabilities_keep_their_relative_accuracy_down_to_the_smallest_normal(
 
 
 @pytest.mark.parametrize("target", ["index", "prob"])
-def test_nan_in_any_column_gives_nan_loss(target):
-    # Each row has a single NaN in a different column (first, block edge, tail, last).
-    x, tgt, inv_t, w, gscale = make_case(5, 2100, torch.float32, target=target)
-    for row, col in enumerate([0, 2047, 2048, 2090, 2099]):
+@pytest.mark.parametrize("c,cols", [(2100, [0, 2047, 2048, 2090, 2099]),
+                                    (1000, [0, 15, 16, 500, 999])], ids=["wide", "one_block"])
+@pytest.mark.parametrize("level", _dispatch.loadable_cpu_levels())
+def test_nan_in_any_column_gives_nan_loss(level, target, c, cols):
+    # Each row has a single NaN in a different column: first, the edge of a block or of
+    # the first vector, the tail, last.
+    x, tgt, inv_t, w, gscale = make_case(5, c, torch.float32, target=target)
+    for row, col in enumerate(cols):
         x[row, col] = float("nan")
-    loss, lse, grad, zdot = OPS.ce_rows(x, tgt, inv_t, w, IGNORE, 0.0, gscale, True, None)
+    loss, lse, grad, zdot = _dispatch.cpu_level_module(level).ce_rows(x, tgt, inv_t, w, IGNORE, 0.0, gscale, True, None)
     assert bool(torch.isnan(loss).all()) and bool(torch.isnan(lse).all())
     assert bool(torch.isnan(zdot).all()) and bool(torch.isnan(grad).any(dim=1).all())
 
