@@ -125,6 +125,7 @@ struct RowExp {
       return d.exp();
     }
   }
+  // eval of N vectors (the AVX-512 fp32 exponential interleaves them; here, one by one).
   template <int N>
   void eval_n(const Vec (&x)[N], Vec (&e)[N], Vec (&u)[N]) const {
     for (int j = 0; j < N; ++j) e[j] = eval(x[j], u[j]);
@@ -165,21 +166,10 @@ struct RowExp<float> {
         floor_(_mm512_set1_ps(c.floor)) {}
 
   Vec eval(const Vec& x, Vec& u) const {
-    // floor_ first: vmaxps returns its second operand where either is NaN, and a NaN
-    // logit must give a NaN exponential (a guessed shift finds NaN rows by their sum).
-    const __m512 xm = _mm512_max_ps(floor_, _mm512_sub_ps(x, m_));
-    const __m512 uu = _mm512_mul_ps(xm, hi_);
-    const __m512 n = _mm512_roundscale_ps(uu, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fmsub_ps(xm, hi_, n);
-    r = _mm512_fmadd_ps(xm, lo_, r);
-    __m512 p = _mm512_set1_ps(0x1.5bba14p-10f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.3cea88p-7f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.c6b752p-5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.ebf9bcp-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.62e42ap-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    u = uu;
-    return _mm512_scalef_ps(p, n);
+    Vec e[1], uu[1];
+    eval_n<1>({x}, e, uu);
+    u = uu[0];
+    return e[0];
   }
 
   // eval of N vectors in lockstep, each step over all N before the next: one exponential
@@ -188,36 +178,35 @@ struct RowExp<float> {
   // at 512 x 1000, 1 thread.)
   template <int N>
   void eval_n(const Vec (&x)[N], Vec (&e)[N], Vec (&u)[N]) const {
-    __m512 xm[N], uu[N], n[N], r[N], p[N];
-#pragma GCC unroll 8
-    for (int j = 0; j < N; ++j) xm[j] = _mm512_max_ps(floor_, _mm512_sub_ps(x[j], m_));
-#pragma GCC unroll 8
-    for (int j = 0; j < N; ++j) uu[j] = _mm512_mul_ps(xm[j], hi_);
+    // 2^r on [-1/2, 1/2], the highest degree first (Horner)
+    static constexpr float kPoly[] = {0x1.5bba14p-10f, 0x1.3cea88p-7f, 0x1.c6b752p-5f,
+                                      0x1.ebf9bcp-3f,  0x1.62e42ap-1f, 1.0f};
+    __m512 xm[N], n[N], r[N], p[N];
 #pragma GCC unroll 8
     for (int j = 0; j < N; ++j) {
-      n[j] = _mm512_roundscale_ps(uu[j], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      // floor_ first: vmaxps returns its second operand where either is NaN, and a NaN
+      // logit must give a NaN exponential (a guessed shift finds NaN rows by their sum).
+      xm[j] = _mm512_max_ps(floor_, _mm512_sub_ps(x[j], m_));
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < N; ++j) u[j] = _mm512_mul_ps(xm[j], hi_);
+#pragma GCC unroll 8
+    for (int j = 0; j < N; ++j) {
+      n[j] = _mm512_roundscale_ps(u[j], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     }
 #pragma GCC unroll 8
     for (int j = 0; j < N; ++j) r[j] = _mm512_fmsub_ps(xm[j], hi_, n[j]);
 #pragma GCC unroll 8
     for (int j = 0; j < N; ++j) r[j] = _mm512_fmadd_ps(xm[j], lo_, r[j]);
 #pragma GCC unroll 8
-    for (int j = 0; j < N; ++j) {
-      p[j] = _mm512_fmadd_ps(_mm512_set1_ps(0x1.5bba14p-10f), r[j], _mm512_set1_ps(0x1.3cea88p-7f));
+    for (int j = 0; j < N; ++j) p[j] = _mm512_set1_ps(kPoly[0]);
+#pragma GCC unroll 8
+    for (int k = 1; k < 6; ++k) {
+#pragma GCC unroll 8
+      for (int j = 0; j < N; ++j) p[j] = _mm512_fmadd_ps(p[j], r[j], _mm512_set1_ps(kPoly[k]));
     }
 #pragma GCC unroll 8
-    for (int j = 0; j < N; ++j) p[j] = _mm512_fmadd_ps(p[j], r[j], _mm512_set1_ps(0x1.c6b752p-5f));
-#pragma GCC unroll 8
-    for (int j = 0; j < N; ++j) p[j] = _mm512_fmadd_ps(p[j], r[j], _mm512_set1_ps(0x1.ebf9bcp-3f));
-#pragma GCC unroll 8
-    for (int j = 0; j < N; ++j) p[j] = _mm512_fmadd_ps(p[j], r[j], _mm512_set1_ps(0x1.62e42ap-1f));
-#pragma GCC unroll 8
-    for (int j = 0; j < N; ++j) p[j] = _mm512_fmadd_ps(p[j], r[j], _mm512_set1_ps(1.0f));
-#pragma GCC unroll 8
-    for (int j = 0; j < N; ++j) {
-      e[j] = _mm512_scalef_ps(p[j], n[j]);
-      u[j] = uu[j];
-    }
+    for (int j = 0; j < N; ++j) e[j] = _mm512_scalef_ps(p[j], n[j]);
   }
 
  private:
