@@ -223,7 +223,7 @@ struct RowExp<float> {
 #pragma GCC unroll 8
     for (int j = 0; j < N; ++j) tr[j] = _mm512_mul_ps(tj[j], r[j]);
 #pragma GCC unroll 8
-    for (int j = 0; j < N; ++j) e[j] = _mm512_fmadd_ps(tr[j], q[j], tj[j]);  // 2^(j/16 + r)
+    for (int j = 0; j < N; ++j) e[j] = _mm512_fmadd_ps(tr[j], q[j], tj[j]);  // 2^(n - floor(n) + r)
 #pragma GCC unroll 8
     for (int j = 0; j < N; ++j) e[j] = _mm512_scalef_ps(e[j], n[j]);
   }
