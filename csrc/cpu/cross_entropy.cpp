@@ -149,7 +149,7 @@ struct RowExp {
 // exp(d) is a normal float (x - m over [-87, 0] on a grid of 2e7, emulated in float
 // arithmetic against exp in double), plus x - m's rounding.  It replaced, on 2026-12-01, a
 // degree-5 polynomial on [-1/2, 1/2] with n an integer (<= 1.8e-7): one multiply-add fewer
-// per vector on the FMA side, 2-5% less time at C = 64 ... 32000, 5% more at C = 10 (one
+// per vector on the FMA side, 0-5% less time at C = 64 ... 32000, 5% more at C = 10 (one
 // masked vector per row; under 3 ns a row).  The Cody-Waite e^d before 2026-11-30 had
 // <= 2.3e-7 plus d's rounding (exp_u20: <= 3.8e-7).  x - m is clamped at u = -160 (2^-160
 // rounds to 0), which keeps -inf (-inf - -inf = NaN) out of r and makes u finite.
